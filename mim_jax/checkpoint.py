@@ -1,0 +1,86 @@
+"""Orbax checkpointing of the whole train state: async saves, keep-N, preemption, and restore
+onto the current mesh (so checkpoints move between device counts).
+
+A restore whose shapes do not match the model fails with one line naming the first
+mismatching parameters instead of orbax's traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+from mim_jax.pytree import flatten
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint on disk does not fit the model built from the config."""
+
+
+class Checkpointer:
+    """Thin wrapper over `ocp.CheckpointManager` for one train-state item."""
+
+    def __init__(self, directory: str, *, max_to_keep: int, async_save: bool = True):
+        if "://" not in directory:
+            directory = os.path.abspath(directory)
+        self.directory = directory
+        self.manager = ocp.CheckpointManager(
+            directory,
+            item_handlers=ocp.StandardCheckpointHandler(),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep,
+                create=True,
+                enable_async_checkpointing=async_save,
+            ),
+        )
+
+    def latest_step(self) -> int | None:
+        """Newest fully written checkpoint step, or None."""
+        return self.manager.latest_step()
+
+    def save(self, step: int, state) -> None:
+        """Starts saving `state` at `step` (async; committed atomically when done)."""
+        self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
+        logging.info("saving checkpoint for step %d to %s", step, self.directory)
+
+    def reached_preemption(self, step: int) -> bool:
+        """True when the cluster signalled preemption and every host should save now."""
+        return self.manager.reached_preemption(step)
+
+    def _check_shapes(self, step: int, abstract_state) -> None:
+        stored = flatten(self.manager.item_metadata(step).tree)
+        expected = flatten(jax.tree.map(lambda x: x, abstract_state))
+        stored = {k.removesuffix(".value"): v for k, v in stored.items()}
+        problems = []
+        for path, leaf in expected.items():
+            key = path.removesuffix(".value")
+            meta = stored.get(key)
+            if meta is None:
+                problems.append(f"{key} missing")
+            elif tuple(meta.shape) != tuple(leaf.shape):
+                problems.append(f"{key} is {tuple(meta.shape)}, model wants {tuple(leaf.shape)}")
+        if problems:
+            more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+            raise CheckpointMismatchError(
+                f"checkpoint step {step} in {self.directory} does not match the config: "
+                + "; ".join(problems[:3])
+                + more
+            )
+
+    def restore(self, step: int, abstract_state):
+        """Restores `step` with the shardings given in `abstract_state` (ShapeDtypeStructs)."""
+        self._check_shapes(step, abstract_state)
+        state = self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+        logging.info("restored checkpoint step %d from %s", step, self.directory)
+        return state
+
+    def wait(self) -> None:
+        """Blocks until pending async saves are committed."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for pending saves and releases the manager."""
+        self.manager.close()

@@ -1,0 +1,228 @@
+"""Shared config building blocks, strict `:variant` parsing and validation.
+
+Configs are Python (`configs/*.py`); they build on `base_config()` here so every method shares
+one schema for data, optimizer, mesh, logging and checkpointing. `validate()` checks ranges and
+cross-field rules before anything is compiled, and fails with one line naming the problem.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Logical axis name -> mesh axes. Parameters and activations carry logical names; this one
+# table decides how they map to the mesh. A dimension not divisible by its mesh axes stays
+# replicated (sharding.py), so tiny models run on any mesh.
+DEFAULT_SHARDING_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("patch", None),
+    ("channels", None),
+    ("table", None),
+)
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message names it."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Fields every method uses; a method config fills `model`, `mask` and the recipe."""
+    c = ml_collections.ConfigDict()
+    c.method = ""
+    c.mode = "pretrain"
+    c.seed = 0
+    c.batch_size = 2048  # Global batch over all hosts and devices.
+    c.num_epochs = 100
+    c.total_steps = -1  # > 0 overrides num_epochs (smoke runs, benchmarks).
+    c.dtype = "float32"  # Compute dtype; parameters and optimizer state stay float32.
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "tfds"  # tfds | folder | bundled
+    c.data.name = "imagenet2012"  # TFDS name when source == tfds.
+    c.data.split = "train"
+    c.data.tfds_data_dir = ""  # Local dir or gs:// path; '' = TFDS default.
+    c.data.folder = ""  # Image folder when source == folder (class sub-folders or flat).
+    c.data.num_examples = 1024  # Examples per epoch for source == bundled.
+    c.data.crop_scale = (0.67, 1.0)
+    c.data.crop_ratio = (3.0 / 4.0, 4.0 / 3.0)
+    c.data.interpolation = "bilinear"  # bilinear | bicubic
+    c.data.hflip = True
+    c.data.mean = IMAGENET_MEAN
+    c.data.std = IMAGENET_STD
+    c.data.num_workers = 8  # grain worker processes per host; 0 = in-process.
+    c.data.prefetch = 2  # Batches prefetched per worker.
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.base_lr = 2e-4
+    c.optim.warmup_lr = 1e-6
+    c.optim.min_lr = 1e-5
+    c.optim.lr_batch_base = 512  # lr = base_lr * batch_size / lr_batch_base (also warmup/min).
+    c.optim.warmup_epochs = 10.0
+    c.optim.schedule = "cosine"  # cosine | multistep
+    c.optim.decay_epochs = (700,)  # multistep milestones.
+    c.optim.decay_rate = 0.1
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.weight_decay = 0.05
+    c.optim.grad_clip = 5.0  # Global-norm clip; 0 disables.
+    # Parameters whose path contains one of these (or that are 1-D) get no weight decay.
+    c.optim.no_decay_keywords = (
+        "mask_token",
+        "cls_token",
+        "pos_embed",
+        "absolute_pos_embed",
+        "relative_position_bias_table",
+    )
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1: whatever devices remain after fsdp and tensor.
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    c.sharding_rules = DEFAULT_SHARDING_RULES
+
+    c.log_every_steps = 50
+    c.checkpoint_every_steps = 1000
+    c.keep_checkpoints = 3
+    c.async_checkpointing = True
+    c.image_every_steps = 1000  # Reconstruction grid to TensorBoard and workdir.
+    c.num_images = 8
+    return c
+
+
+def parse_arg(arg: str | None, variants: tuple[str, ...]) -> tuple[str, dict[str, str]]:
+    """Parses `variant[,key=value...]` strictly; returns the variant and the key/value pairs."""
+    if not arg:
+        return "", {}
+    parts = [p for p in arg.split(",") if p]
+    variant = ""
+    pairs: dict[str, str] = {}
+    for part in parts:
+        if "=" in part:
+            key, value = part.split("=", 1)
+            pairs[key.strip()] = value.strip()
+        elif variant:
+            raise ConfigError(f"config arg '{arg}': more than one variant ('{variant}', '{part}')")
+        else:
+            variant = part.strip()
+    if variant and variant not in variants:
+        raise ConfigError(
+            f"unknown config variant '{variant}'; choose one of: {', '.join(variants)}"
+        )
+    return variant, pairs
+
+
+def apply_pairs(c: ml_collections.ConfigDict, pairs: dict[str, str]) -> None:
+    """Applies `key.sub=value` overrides from the config arg, parsed by the field's type."""
+    for key, raw in pairs.items():
+        *parents, leaf = key.split(".")
+        node = c
+        for name in parents:
+            if name not in node:
+                raise ConfigError(f"unknown config key '{key}'")
+            node = node[name]
+        if leaf not in node:
+            raise ConfigError(f"unknown config key '{key}'")
+        old = node[leaf]
+        try:
+            if isinstance(old, bool):
+                if raw.lower() not in ("true", "false"):
+                    raise ValueError(raw)
+                value = raw.lower() == "true"
+            elif isinstance(old, (tuple, list)):
+                value = tuple(type(old[0])(v) if old else v for v in raw.split(":"))
+            else:
+                value = type(old)(raw)
+        except ValueError as e:
+            raise ConfigError(
+                f"config key '{key}': cannot parse '{raw}' as {type(old).__name__}"
+            ) from e
+        node[leaf] = value
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+    """Checks ranges and cross-field rules; raises ConfigError naming the bad field."""
+    _check(c.mode in ("pretrain",), f"config.mode='{c.mode}': supported modes are: pretrain")
+    _check(c.batch_size > 0, f"config.batch_size={c.batch_size} must be > 0")
+    _check(
+        c.num_epochs > 0 or c.total_steps > 0,
+        "config.num_epochs or config.total_steps must be > 0",
+    )
+    _check(
+        c.dtype in ("float32", "bfloat16"),
+        f"config.dtype='{c.dtype}' must be float32 or bfloat16",
+    )
+    _check(
+        c.data.source in ("tfds", "folder", "bundled"),
+        f"config.data.source='{c.data.source}' must be one of tfds, folder, bundled",
+    )
+    _check(
+        c.data.source != "folder" or bool(c.data.folder),
+        "config.data.folder must be set when config.data.source='folder'",
+    )
+    lo, hi = c.data.crop_scale
+    _check(0 < lo <= hi <= 1, f"config.data.crop_scale={tuple(c.data.crop_scale)} not in (0, 1]")
+    _check(
+        c.data.interpolation in ("bilinear", "bicubic"),
+        f"config.data.interpolation='{c.data.interpolation}' must be bilinear or bicubic",
+    )
+    _check(
+        c.optim.schedule in ("cosine", "multistep"),
+        f"config.optim.schedule='{c.optim.schedule}' must be cosine or multistep",
+    )
+    _check(c.optim.base_lr > 0, f"config.optim.base_lr={c.optim.base_lr} must be > 0")
+    _check(c.optim.grad_clip >= 0, f"config.optim.grad_clip={c.optim.grad_clip} must be >= 0")
+    for axis in ("data", "fsdp", "tensor"):
+        size = c.mesh[axis]
+        _check(size == -1 or size >= 1, f"config.mesh.{axis}={size} must be -1 or >= 1")
+    _check(
+        c.checkpoint_every_steps > 0 and c.log_every_steps > 0 and c.image_every_steps > 0,
+        "config.*_every_steps must be > 0",
+    )
+    m = c.model
+    _check(
+        m.img_size % c.mask.patch_size == 0,
+        f"config.model.img_size={m.img_size} must be divisible by "
+        f"config.mask.patch_size={c.mask.patch_size}",
+    )
+    _check(
+        c.mask.patch_size % m.patch_size == 0,
+        f"config.mask.patch_size={c.mask.patch_size} must be divisible by "
+        f"config.model.patch_size={m.patch_size}",
+    )
+    _check(0 < c.mask.ratio < 1, f"config.mask.ratio={c.mask.ratio} must be in (0, 1)")
+    if m.name == "swin":
+        grid = m.img_size // m.patch_size
+        for stage in range(len(m.depths)):
+            res = grid // 2**stage
+            _check(
+                res * 2**stage == grid,
+                f"config.model.img_size={m.img_size}: stage {stage} grid is not an integer",
+            )
+            _check(
+                res <= m.window_size or res % m.window_size == 0,
+                f"config.model.window_size={m.window_size} does not divide the stage-{stage} "
+                f"grid {res}",
+            )
+        _check(
+            len(m.depths) == len(m.num_heads),
+            "config.model.depths and config.model.num_heads must have the same length",
+        )
+    elif m.name == "vit":
+        _check(
+            m.img_size % m.patch_size == 0,
+            f"config.model.img_size={m.img_size} must be divisible by patch_size={m.patch_size}",
+        )
+    else:
+        _check(False, f"config.model.name='{m.name}' must be swin or vit")

@@ -1,0 +1,99 @@
+"""PyTorch state_dict <-> mim_jax parameters, with one explicit name table per model.
+
+A table is a list of (our-path regex, PyTorch-path template) pairs applied to the module part
+of a parameter path; the leaf is renamed by kind (Linear/Conv `kernel` <-> `weight`, LayerNorm
+`scale` <-> `weight`, `bias` <-> `bias`, other parameters keep their name) and the array is
+laid out accordingly (Linear `[out, in]` -> `[in, out]`, Conv `[out, in, kh, kw]` ->
+`[kh, kw, in, out]`, token `[1, 1, C]` -> `[C]`). Every PyTorch key must be used or be a
+known buffer; every parameter of ours must be found; otherwise the import fails and says
+which keys.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import numpy as np
+from flax import nnx
+
+from mim_jax import pytree
+
+# Official buffers that our models recompute as constants.
+TORCH_BUFFERS = (r".*relative_position_index$", r".*attn_mask$")
+
+# (regex on our path with the leaf already renamed, PyTorch key template). First match wins.
+SWIN_TABLE = (
+    (r"^encoder\.(.*)$", r"encoder.\1"),
+    (r"^decoder\.proj\.(weight|bias)$", r"decoder.0.\1"),
+)
+VIT_TABLE = SWIN_TABLE
+TABLES = {"swin": SWIN_TABLE, "vit": VIT_TABLE}
+
+
+class ConversionError(ValueError):
+    """The state_dict does not match the model (missing, unused or mis-shaped keys)."""
+
+
+def torch_name(path: str, table) -> str:
+    """Our dotted parameter path -> the PyTorch state_dict key."""
+    module, _, leaf = path.rpartition(".")
+    if leaf in ("kernel", "scale"):
+        path = f"{module}.weight"
+    for pattern, template in table:
+        if re.match(pattern, path):
+            return re.sub(pattern, template, path)
+    raise ConversionError(f"no name-table entry for parameter '{path}'")
+
+
+def _to_ours(value: np.ndarray, shape: tuple[int, ...], leaf: str) -> np.ndarray:
+    value = np.asarray(value)
+    if leaf == "kernel" and value.ndim == 4 and len(shape) == 2:  # 1x1 conv as Linear
+        value = value[:, :, 0, 0].T
+    elif leaf == "kernel" and value.ndim == 4:
+        value = value.transpose(2, 3, 1, 0)
+    elif leaf == "kernel" and value.ndim == 2:
+        value = value.T
+    elif value.shape != shape and value.size == int(np.prod(shape)):
+        value = value.reshape(shape)  # tokens [1, 1, C] -> [C]
+    return value
+
+
+def import_torch(params: Mapping, state_dict: Mapping[str, np.ndarray], model_name: str) -> dict:
+    """Returns `params` (nested dict) with every value taken from the PyTorch `state_dict`."""
+    table = TABLES[model_name]
+    ours = pytree.flatten(params)
+    used, missing, bad_shape, out = set(), [], [], {}
+    for path, current in ours.items():
+        leaf = path.rpartition(".")[2]
+        key = torch_name(path, table)
+        if key not in state_dict:
+            missing.append(f"{path} <- {key}")
+            continue
+        value = _to_ours(state_dict[key], tuple(current.shape), leaf)
+        if value.shape != tuple(current.shape):
+            bad_shape.append(f"{key} {np.shape(state_dict[key])} -> {path} {current.shape}")
+            continue
+        out[path] = value.astype(np.asarray(current).dtype)
+        used.add(key)
+    unused = [
+        k for k in state_dict if k not in used and not any(re.match(b, k) for b in TORCH_BUFFERS)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing in state_dict: {', '.join(missing)}")
+    if bad_shape:
+        problems.append(f"shape mismatch: {', '.join(bad_shape)}")
+    if unused:
+        problems.append(f"unused state_dict keys: {', '.join(unused)}")
+    if problems:
+        raise ConversionError("; ".join(problems))
+    return pytree.unflatten(out, params)
+
+
+def load_into(model: nnx.Module, state_dict: Mapping[str, np.ndarray], model_name: str) -> None:
+    """Overwrites `model`'s parameters in place from a PyTorch state_dict (numpy values)."""
+    state = nnx.state(model, nnx.Param)
+    pure = nnx.to_pure_dict(state)
+    nnx.replace_by_pure_dict(state, import_torch(pure, state_dict, model_name))
+    nnx.update(model, state)

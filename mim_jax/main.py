@@ -1,0 +1,60 @@
+r"""mim_jax entry point.
+
+  python -m mim_jax.main --config=configs/simmim.py:quickstart --workdir=/tmp/mim
+  python -m mim_jax.main --config=configs/simmim.py:swin_base_192 --config.batch_size=2048 \
+      --workdir=gs://bucket/run
+
+Running the same command again resumes from the newest checkpoint in --workdir.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from mim_jax import checkpoint, config_lib, convert, sharding, train
+from mim_jax.data import input as data_input
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    "config", None, "Config file, optionally with ':variant[,key=value...]'.", lock_config=True
+)
+flags.DEFINE_string("workdir", None, "Where checkpoints, TensorBoard events and images go.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+# Errors whose message is the whole story: shown as one line, without a traceback.
+USER_ERRORS = (
+    config_lib.ConfigError,
+    data_input.DataError,
+    checkpoint.CheckpointMismatchError,
+    convert.ConversionError,
+    train.NonFiniteLossError,
+)
+
+
+def _hide_accelerators_from_tensorflow() -> None:
+    """TensorFlow (used by CLU writers and TFDS) must not take accelerator memory from JAX."""
+    import tensorflow as tf
+
+    tf.config.set_visible_devices([], "GPU")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    sharding.initialize_distributed()
+    _hide_accelerators_from_tensorflow()
+    config = FLAGS.config
+    try:
+        train.train(config, FLAGS.workdir)
+    except USER_ERRORS as e:
+        logging.error("%s", e)
+        raise SystemExit(f"mim_jax: error: {e}") from None
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,16 @@
+"""Pretraining methods. Each module provides build_model, make_batch_transform, loss_fn and
+reconstruct (see methods/simmim.py for the interface)."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+METHODS = ("simmim",)
+
+
+def get_method(name: str) -> ModuleType:
+    """The method module for `config.method`."""
+    if name not in METHODS:
+        raise ValueError(f"config.method='{name}' must be one of: {', '.join(METHODS)}")
+    return importlib.import_module(f"mim_jax.methods.{name}")

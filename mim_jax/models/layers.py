@@ -1,0 +1,228 @@
+"""Building blocks shared by every encoder: dense layers with logical sharding names, norms,
+MLP, stochastic depth, patch embedding and merging, relative position indices, attention.
+
+Layouts: images are NHWC; token tensors are `[batch, tokens, channels]`; attention tensors are
+`[batch, heads, tokens, head_dim]`. Parameters are float32; `dtype` is the compute dtype.
+Every parameter carries logical axis names ('embed', 'mlp', 'heads', ...) that
+`mim_jax.sharding` maps to mesh axes through the config's rules.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+Names = tuple[str | None, ...]
+MASK_VALUE = -1e9  # Added to blocked attention logits (computed in float32).
+
+
+def trunc_normal(std: float = 0.02) -> nnx.Initializer:
+    """Truncated normal initializer (±2 std), the timm/PyTorch `trunc_normal_` counterpart."""
+    return nnx.initializers.truncated_normal(stddev=std)
+
+
+def torch_default_init(fan_in: int) -> nnx.Initializer:
+    """PyTorch's default Linear/Conv weight init, U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = fan_in**-0.5
+
+    def init(key: jax.Array, shape: Sequence[int], dtype: jnp.dtype = jnp.float32) -> jax.Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def sharded(init: nnx.Initializer, names: Names) -> nnx.Initializer:
+    """Attaches logical axis names to an initializer (resolved to mesh axes in sharding.py)."""
+    return nnx.with_partitioning(init, names, eager_sharding=False)
+
+
+def param(rngs: nnx.Rngs, init: nnx.Initializer, shape: Sequence[int], names: Names) -> nnx.Param:
+    """A float32 parameter with logical axis names."""
+    return nnx.Param(
+        init(rngs.params(), tuple(shape), jnp.float32), out_sharding=names, eager_sharding=False
+    )
+
+
+class Linear(nnx.Linear):
+    """nnx.Linear with trunc_normal(0.02) weights, zero bias and logical axis names."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        names: Names,
+        *,
+        rngs: nnx.Rngs,
+        use_bias: bool = True,
+        dtype: jnp.dtype = jnp.float32,
+        kernel_init: nnx.Initializer | None = None,
+    ):
+        super().__init__(
+            in_features,
+            out_features,
+            use_bias=use_bias,
+            dtype=dtype,
+            param_dtype=jnp.float32,
+            kernel_init=sharded(kernel_init or trunc_normal(), names),
+            bias_init=sharded(nnx.initializers.zeros_init(), (names[-1],)),
+            rngs=rngs,
+        )
+
+
+class LayerNorm(nnx.LayerNorm):
+    """LayerNorm with PyTorch's eps default (1e-5) and float32 statistics."""
+
+    def __init__(
+        self, dim: int, *, rngs: nnx.Rngs, eps: float = 1e-5, dtype: jnp.dtype = jnp.float32
+    ):
+        super().__init__(dim, epsilon=eps, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact (erf) GELU, PyTorch's default."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+class Mlp(nnx.Module):
+    """fc1 -> GELU -> fc2, per token."""
+
+    def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32):
+        self.fc1 = Linear(dim, hidden, ("embed", "mlp"), rngs=rngs, dtype=dtype)
+        self.fc2 = Linear(hidden, dim, ("mlp", "embed"), rngs=rngs, dtype=dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fc2(gelu(self.fc1(x)))
+
+
+def drop_path(x: jax.Array, rate: float, rngs: nnx.Rngs | None) -> jax.Array:
+    """Stochastic depth: zeroes whole samples' residual branches with probability `rate`.
+
+    Inactive (identity) when `rngs` is None (evaluation) or rate is 0.
+    """
+    if rngs is None or rate == 0.0:
+        return x
+    keep = 1.0 - rate
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    mask = jax.random.bernoulli(rngs.dropout(), keep, shape)
+    return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+class PatchEmbed(nnx.Module):
+    """Non-overlapping patch projection (Conv p x p, stride p) with optional LayerNorm.
+
+    [batch, H, W, in_chans] -> [batch, H/p, W/p, embed_dim].
+    """
+
+    def __init__(
+        self,
+        patch_size: int,
+        in_chans: int,
+        embed_dim: int,
+        *,
+        rngs: nnx.Rngs,
+        norm: bool,
+        eps: float = 1e-5,
+        dtype: jnp.dtype = jnp.float32,
+    ):
+        self.proj = nnx.Conv(
+            in_chans,
+            embed_dim,
+            kernel_size=(patch_size, patch_size),
+            strides=(patch_size, patch_size),
+            padding="VALID",
+            dtype=dtype,
+            param_dtype=jnp.float32,
+            kernel_init=sharded(trunc_normal(), ("patch", "patch", "channels", "embed")),
+            bias_init=sharded(nnx.initializers.zeros_init(), ("embed",)),
+            rngs=rngs,
+        )
+        self.norm = LayerNorm(embed_dim, rngs=rngs, eps=eps, dtype=dtype) if norm else None
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        x = self.proj(images)
+        return self.norm(x) if self.norm is not None else x
+
+
+class PatchMerging(nnx.Module):
+    """Swin's 2x2 merge: concat [x(0,0), x(1,0), x(0,1), x(1,1)] -> LayerNorm(4C) -> Linear(2C).
+
+    [batch, H, W, C] -> [batch, H/2, W/2, 2C].
+    """
+
+    def __init__(
+        self, dim: int, *, rngs: nnx.Rngs, eps: float = 1e-5, dtype: jnp.dtype = jnp.float32
+    ):
+        self.norm = LayerNorm(4 * dim, rngs=rngs, eps=eps, dtype=dtype)
+        self.reduction = Linear(
+            4 * dim, 2 * dim, ("embed", None), rngs=rngs, use_bias=False, dtype=dtype
+        )
+
+    def merge(self, x: jax.Array) -> jax.Array:
+        """Norm + reduction of already-concatenated `[..., 4C]` features."""
+        return self.reduction(self.norm(x))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = jnp.concatenate(
+            [x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], axis=-1
+        )
+        return self.merge(x)
+
+
+@functools.lru_cache(maxsize=64)
+def relative_position_index(height: int, width: int) -> np.ndarray:
+    """Swin/BEiT index into a `(2h-1)(2w-1)` bias table for every token pair of an h x w grid.
+
+    index[i, j] = (dy + h - 1) * (2w - 1) + (dx + w - 1) with (dy, dx) = coord_i - coord_j.
+    """
+    coords = np.stack(np.meshgrid(np.arange(height), np.arange(width), indexing="ij"))
+    coords = coords.reshape(2, -1)
+    rel = coords[:, :, None] - coords[:, None, :]
+    index = (rel[0] + height - 1) * (2 * width - 1) + (rel[1] + width - 1)
+    index.setflags(write=False)
+    return index
+
+
+def dot_product_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None = None
+) -> jax.Array:
+    """Softmax(q k^T * d^-0.5 + bias) v with float32 logits.
+
+    q, k, v: `[..., heads, tokens, head_dim]` (any leading dims: batch, windows, groups);
+    bias broadcastable to `[..., heads, q_tokens, k_tokens]` (relative position bias plus
+    additive masks).
+    """
+    scale = q.shape[-1] ** -0.5
+    logits = jnp.einsum("...hqd,...hkd->...hqk", q * scale, k).astype(jnp.float32)
+    if bias is not None:
+        logits = logits + bias
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("...hqk,...hkd->...hqd", weights, v)
+
+
+def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
+    """`[..., tokens, heads * d]` -> `[..., heads, tokens, d]`."""
+    x = x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
+    return jnp.swapaxes(x, -2, -3)
+
+
+def merge_heads(x: jax.Array) -> jax.Array:
+    """`[..., heads, tokens, d]` -> `[..., tokens, heads * d]`."""
+    x = jnp.swapaxes(x, -2, -3)
+    return x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
+
+
+def constrain_batch(x: jax.Array) -> jax.Array:
+    """Keeps activations sharded over the batch on the active mesh (no-op without one)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names and mesh.shape[a] > 1)
+    if not axes or x.shape[0] % int(np.prod([mesh.shape[a] for a in axes])):
+        return x
+    spec = jax.sharding.PartitionSpec(axes, *([None] * (x.ndim - 1)))
+    return jax.lax.with_sharding_constraint(x, spec)

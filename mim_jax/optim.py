@@ -1,0 +1,185 @@
+"""Learning-rate schedules, AdamW with weight-decay masks, and layer-wise lr decay.
+
+Reproduces the official SimMIM optimizer (`optimizer.py`, `lr_scheduler.py`, timm 0.4.12
+schedulers with `t_in_epochs=False`) per optimizer step:
+
+* lr, warmup lr and min lr are all scaled by `batch_size / lr_batch_base`.
+* Warmup is linear from the warmup lr over `int(warmup_epochs * steps_per_epoch)` steps.
+* Cosine runs over all `total_steps` counted from step 0, not restarted after warmup
+  (`warmup_prefix=False`), and holds the min lr from `total_steps` on (`cycle_limit=1`).
+* Multistep multiplies by `decay_rate` at each milestone `int(epoch * steps_per_epoch)`
+  (bisect_right: the milestone step itself is already decayed); it has no min lr.
+* The official loop calls `scheduler.step_update(t)` after update t, so update t uses the
+  value for `max(t - 1, 0)`; our schedule takes optax's count (= t) and does the same.
+* Layer-wise lr decay (fine-tuning) gives each layer's parameter group the peak lr
+  `lr * layer_decay ** (num_layers - 1 - layer_id)` while the warmup and min lr stay
+  unscaled, as timm 0.4.12 schedules each group from its own initial lr.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from mim_jax import pytree
+
+PyTree = Any
+
+
+def scaled_lrs(config: ml_collections.ConfigDict) -> tuple[float, float, float]:
+    """(base, warmup, min) lr, each multiplied by `batch_size / optim.lr_batch_base`."""
+    optim = config.optim
+    factor = config.batch_size / optim.lr_batch_base
+    return optim.base_lr * factor, optim.warmup_lr * factor, optim.min_lr * factor
+
+
+def _timm_schedule(
+    optim: ml_collections.ConfigDict,
+    peak_lr: float,
+    warmup_lr: float,
+    min_lr: float,
+    steps_per_epoch: int,
+    total_steps: int,
+) -> optax.Schedule:
+    """timm/SimMIM warmup + cosine|multistep schedule, indexed by the optimizer step count."""
+    warmup_steps = int(optim.warmup_epochs * steps_per_epoch)
+    warmup_slope = (peak_lr - warmup_lr) / max(warmup_steps, 1)
+    milestones = np.asarray(sorted(int(e * steps_per_epoch) for e in optim.decay_epochs), np.int32)
+    if optim.schedule == "cosine" and total_steps <= 0:
+        raise ValueError(f"total_steps={total_steps} must be > 0 for the cosine schedule")
+    if optim.schedule == "multistep" and milestones.size and warmup_steps > milestones[0]:
+        raise ValueError(
+            f"config.optim.warmup_epochs={optim.warmup_epochs} ends after the first multistep "
+            f"milestone (epoch {min(optim.decay_epochs)})"
+        )
+    if optim.schedule not in ("cosine", "multistep"):
+        raise ValueError(f"config.optim.schedule='{optim.schedule}' must be cosine or multistep")
+
+    def schedule(count: jax.Array) -> jax.Array:
+        step = jnp.maximum(jnp.asarray(count, jnp.int32) - 1, 0)
+        t = step.astype(jnp.float32)
+        warm = warmup_lr + t * warmup_slope
+        if optim.schedule == "cosine":
+            cosine = min_lr + 0.5 * (peak_lr - min_lr) * (1.0 + jnp.cos(jnp.pi * t / total_steps))
+            after = jnp.where(step < total_steps, cosine, min_lr)
+        else:
+            num_decays = jnp.searchsorted(milestones, step, side="right")
+            after = peak_lr * jnp.float32(optim.decay_rate) ** num_decays
+        return jnp.where(step < warmup_steps, warm, after).astype(jnp.float32)
+
+    return schedule
+
+
+def learning_rate_schedule(
+    config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int
+) -> optax.Schedule:
+    """Per-step lr of `config.optim` (timm/SimMIM semantics, see the module docstring)."""
+    base_lr, warmup_lr, min_lr = scaled_lrs(config)
+    return _timm_schedule(config.optim, base_lr, warmup_lr, min_lr, steps_per_epoch, total_steps)
+
+
+def weight_decay_mask(params: PyTree, no_decay_keywords: Sequence[str]) -> PyTree:
+    """Tree of bools like `params`; True = decay.
+
+    No decay for arrays with ndim <= 1, for parameters named `bias`, and for any parameter
+    whose dotted path contains one of `no_decay_keywords`.
+    """
+
+    def decays(path: Sequence[Any], leaf: Any) -> bool:
+        name = pytree.param_path(path)
+        return (
+            len(leaf.shape) > 1
+            and name.rsplit(".", 1)[-1] != "bias"
+            and not any(keyword in name for keyword in no_decay_keywords)
+        )
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def layer_ids_swin(path: str, depths: Sequence[int]) -> int:
+    """Layer id of a Swin parameter: 0 = embedding, then one per block, last = the rest."""
+    parts = path.split(".")
+    if parts[0] in ("patch_embed", "mask_token"):
+        return 0
+    if parts[0] == "layers" and len(parts) > 3:
+        stage = int(parts[1])
+        if parts[2] == "blocks":
+            return sum(depths[:stage]) + int(parts[3]) + 1
+        if parts[2] == "downsample":
+            return sum(depths[: stage + 1])
+    return sum(depths) + 1
+
+
+def layer_ids_vit(path: str, depth: int) -> int:
+    """Layer id of a ViT parameter: 0 = embeddings/tokens, k + 1 = block k, last = the rest."""
+    parts = path.split(".")
+    if parts[0] in ("cls_token", "mask_token", "pos_embed", "patch_embed"):
+        return 0
+    if parts[0] == "blocks" and len(parts) > 1:
+        return int(parts[1]) + 1
+    return depth + 1
+
+
+def _layer_ids(config: ml_collections.ConfigDict, params: PyTree) -> tuple[int, PyTree]:
+    """(num_layers, tree of int layer ids like `params`) for `config.model` (swin or vit)."""
+    model = config.model
+    if model.name == "swin":
+        num_layers = sum(model.depths) + 2
+        layer_id = functools.partial(layer_ids_swin, depths=tuple(model.depths))
+    elif model.name == "vit":
+        num_layers = model.depth + 2
+        layer_id = functools.partial(layer_ids_vit, depth=model.depth)
+    else:
+        raise ValueError(f"layer decay: config.model.name='{model.name}' must be swin or vit")
+    ids = jax.tree_util.tree_map_with_path(
+        lambda path, _: layer_id(pytree.param_path(path)), params
+    )
+    return num_layers, ids
+
+
+def make_optimizer(
+    config: ml_collections.ConfigDict, params: PyTree, steps_per_epoch: int, total_steps: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """Global-norm clipping, then AdamW with the weight-decay mask and the lr schedule.
+
+    With `config.optim.layer_decay < 1`, parameters are grouped by layer id (from their paths
+    in `params`) and each group runs AdamW on its own schedule (module docstring). Returns the
+    transformation and the schedule of the undecayed (top) layer, for logging.
+    """
+    optim = config.optim
+    base_lr, warmup_lr, min_lr = scaled_lrs(config)
+    mask = functools.partial(weight_decay_mask, no_decay_keywords=tuple(optim.no_decay_keywords))
+
+    def adamw(peak_lr: float) -> optax.GradientTransformation:
+        schedule = _timm_schedule(optim, peak_lr, warmup_lr, min_lr, steps_per_epoch, total_steps)
+        return optax.adamw(
+            schedule,
+            b1=optim.b1,
+            b2=optim.b2,
+            eps=optim.eps,
+            weight_decay=optim.weight_decay,
+            mask=mask,
+        )
+
+    layer_decay = optim.get("layer_decay", 1.0)
+    if layer_decay < 1.0:
+        num_layers, layer_ids = _layer_ids(config, params)
+        tx = optax.multi_transform(
+            {
+                f"layer_{i}": adamw(base_lr * layer_decay ** (num_layers - 1 - i))
+                for i in sorted(set(jax.tree.leaves(layer_ids)))
+            },
+            jax.tree.map(lambda i: f"layer_{i}", layer_ids),
+        )
+    else:
+        tx = adamw(base_lr)
+    if optim.grad_clip > 0:
+        tx = optax.chain(optax.clip_by_global_norm(optim.grad_clip), tx)
+    return tx, learning_rate_schedule(config, steps_per_epoch, total_steps)

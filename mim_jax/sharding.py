@@ -1,0 +1,138 @@
+"""Device mesh, logical-axis rules and batch placement: one code path for 1 CPU, 8 forced CPU
+devices, a GPU node and a TPU pod.
+
+Parameters carry logical axis names ('embed', 'mlp', 'heads', ...); `config.sharding_rules`
+maps each name to mesh axes ('data', 'fsdp', 'tensor'). A mesh axis is used at most once per
+array, and a dimension that its mesh axes do not divide stays replicated, so any model runs on
+any mesh (tiny test models included).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+
+def initialize_distributed() -> None:
+    """Connects the hosts of a multi-host job (TPU pod, multi-node GPU) before any jax use.
+
+    On Cloud TPU every host runs the same command and jax finds its peers itself; on GPU
+    clusters the coordinator comes from the usual environment variables (SLURM or
+    JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID).
+    """
+    multi_host_env = any(
+        k in os.environ for k in ("TPU_WORKER_HOSTNAMES", "JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS")
+    )
+    if multi_host_env and not jax.distributed.is_initialized():
+        jax.distributed.initialize()
+
+
+def make_mesh(
+    mesh_config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None
+) -> jax.sharding.Mesh:
+    """Mesh with axes (data, fsdp, tensor); a size of -1 takes the remaining devices."""
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = {axis: int(mesh_config[axis]) for axis in MESH_AXES}
+    fixed = int(np.prod([s for s in sizes.values() if s != -1]))
+    free = [a for a, s in sizes.items() if s == -1]
+    if len(free) > 1:
+        raise ValueError(f"config.mesh: only one axis may be -1, got {free}")
+    if free:
+        if len(devices) % fixed:
+            raise ValueError(
+                f"config.mesh: {len(devices)} devices are not divisible by the fixed axes ({fixed})"
+            )
+        sizes[free[0]] = len(devices) // fixed
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    if int(np.prod(shape)) != len(devices):
+        raise ValueError(
+            f"config.mesh: data*fsdp*tensor = {int(np.prod(shape))} but there are "
+            f"{len(devices)} devices"
+        )
+    return jax.make_mesh(
+        shape,
+        MESH_AXES,
+        axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+        devices=devices,
+    )
+
+
+def logical_to_mesh(
+    names: Sequence[str | None],
+    shape: Sequence[int],
+    rules: Sequence[tuple[str, str | Sequence[str] | None]],
+    mesh: jax.sharding.Mesh,
+) -> PartitionSpec:
+    """PartitionSpec for an array with logical axis `names` and `shape` under `rules`."""
+    table = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for name, dim in zip(names, shape, strict=True):
+        target = table.get(name) if name is not None else None
+        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
+        if axes and dim % int(np.prod([mesh.shape[a] for a in axes])) == 0:
+            used.update(axes)
+            spec.append(axes[0] if len(axes) == 1 else axes)
+        else:
+            spec.append(None)
+    return PartitionSpec(*spec)
+
+
+def tree_shardings(abstract_tree, logical_specs, rules, mesh: jax.sharding.Mesh):
+    """NamedShardings for a pytree given its shapes and its logical PartitionSpecs."""
+
+    def one(spec: PartitionSpec, leaf) -> NamedSharding:
+        names = tuple(spec) + (None,) * (len(leaf.shape) - len(tuple(spec)))
+        return NamedSharding(mesh, logical_to_mesh(names, leaf.shape, rules, mesh))
+
+    return jax.tree.map(
+        one, logical_specs, abstract_tree, is_leaf=lambda x: isinstance(x, PartitionSpec)
+    )
+
+
+def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
+    """Fully replicated placement (scalars, step counters)."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, ndim: int = 1) -> NamedSharding:
+    """Leading (batch) axis split over data and fsdp; other axes replicated."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def global_batch(local: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+    """Host-local numpy batch -> global jax.Arrays sharded over the batch axes of `mesh`."""
+    per_shard = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+    out = {}
+    for key, value in local.items():
+        global_size = value.shape[0] * jax.process_count()
+        if global_size % per_shard:
+            raise ValueError(
+                f"global batch {global_size} is not divisible by data*fsdp = {per_shard}"
+            )
+        out[key] = jax.make_array_from_process_local_data(batch_sharding(mesh, value.ndim), value)
+    return out
+
+
+def describe(mesh: jax.sharding.Mesh) -> str:
+    """One-line mesh summary for the logs."""
+    return ", ".join(f"{a}={mesh.shape[a]}" for a in mesh.axis_names) + (
+        f" over {mesh.devices.size} {jax.devices()[0].platform} devices"
+    )
+
+
+def log_mesh(mesh: jax.sharding.Mesh) -> None:
+    """Logs the mesh shape and process layout."""
+    logging.info(
+        "mesh: %s; process %d of %d", describe(mesh), jax.process_index(), jax.process_count()
+    )

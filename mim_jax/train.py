@@ -1,0 +1,242 @@
+"""The one generic pretraining loop: abstract init -> shardings -> sharded init, a donated jitted
+step, orbax checkpoints with auto-resume, CLU metrics, reconstruction grids, NaN guards.
+
+A method (mim_jax/methods/*) is seen only through build_model, make_batch_transform, loss_fn
+and reconstruct.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from mim_jax import checkpoint, config_lib, optim, sharding, writers
+from mim_jax.data import input as data_input
+from mim_jax.methods import get_method
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a resumed run needs besides the config: step, parameters, optimizer state."""
+
+    step: jax.Array
+    params: nnx.State
+    opt_state: optax.OptState
+
+
+@dataclasses.dataclass
+class Setup:
+    """A built experiment: model structure, sharded state and the compiled-on-demand step."""
+
+    config: ml_collections.ConfigDict
+    mesh: jax.sharding.Mesh
+    method: Any
+    graphdef: nnx.GraphDef
+    state: TrainState
+    state_shardings: TrainState
+    schedule: optax.Schedule
+    train_step: Callable
+    steps_per_epoch: int
+    total_steps: int
+
+
+def schedule_steps(config: ml_collections.ConfigDict, num_examples: int) -> tuple[int, int]:
+    """(steps per epoch, total steps) from the data set size and the config."""
+    steps_per_epoch = max(1, num_examples // config.batch_size)
+    total = config.total_steps if config.total_steps > 0 else config.num_epochs * steps_per_epoch
+    return steps_per_epoch, int(total)
+
+
+def _abstract_model(config: ml_collections.ConfigDict, method) -> nnx.Module:
+    return nnx.eval_shape(lambda: method.build_model(config, nnx.Rngs(params=config.seed)))
+
+
+def make_train_step(
+    config: ml_collections.ConfigDict,
+    method,
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
+    """The pure train step (not yet jitted): loss, grads, AdamW update, metrics."""
+    dropout_key = jax.random.key(config.seed + 1)
+
+    def train_step(state: TrainState, batch: dict[str, jax.Array]):
+        rngs = nnx.Rngs(dropout=jax.random.fold_in(dropout_key, state.step))
+
+        def compute_loss(params: nnx.State):
+            return method.loss_fn(nnx.merge(graphdef, params), batch, rngs)
+
+        (loss, aux), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": loss,
+            "grad_norm": optax.global_norm(grads),
+            "param_norm": optax.global_norm(params),
+            "lr": schedule(state.step),
+            **aux,
+        }
+        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+        return new_state, metrics
+
+    return train_step
+
+
+def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, num_examples: int) -> Setup:
+    """Builds the model abstractly, derives shardings, and initializes the state sharded."""
+    method = get_method(config.method)
+    steps_per_epoch, total_steps = schedule_steps(config, num_examples)
+    graphdef, abstract_params = nnx.split(_abstract_model(config, method), nnx.Param)
+    tx, schedule = optim.make_optimizer(config, abstract_params, steps_per_epoch, total_steps)
+    rules = tuple(tuple(r) for r in config.sharding_rules)
+    param_shardings = sharding.tree_shardings(
+        abstract_params, nnx.get_partition_spec(abstract_params), rules, mesh
+    )
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    replicated = sharding.replicated(mesh)
+    opt_shardings = optax.tree_map_params(
+        tx,
+        lambda _, s: s,
+        abstract_opt,
+        param_shardings,
+        transform_non_params=lambda _: replicated,
+    )
+    state_shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings)
+
+    def init() -> TrainState:
+        model = method.build_model(config, nnx.Rngs(params=config.seed))
+        params = nnx.state(model, nnx.Param)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+    with jax.set_mesh(mesh):
+        state = jax.jit(init, out_shardings=state_shardings)()
+    step_fn = jax.jit(
+        make_train_step(config, method, graphdef, tx, schedule),
+        in_shardings=(state_shardings, None),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=0,
+    )
+    return Setup(
+        config=config,
+        mesh=mesh,
+        method=method,
+        graphdef=graphdef,
+        state=state,
+        state_shardings=state_shardings,
+        schedule=schedule,
+        train_step=step_fn,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+    )
+
+
+def abstract_state(s: Setup) -> TrainState:
+    """ShapeDtypeStructs with target shardings, for restoring onto the current mesh."""
+    return jax.tree.map(
+        lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+        s.state,
+        s.state_shardings,
+    )
+
+
+def make_reconstruct_fn(s: Setup, num_images: int) -> Callable:
+    """Jitted fn(params, batch) -> dict of replicated `[n, H, W, 3]` images for the grid."""
+
+    def fn(params: nnx.State, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        head = {k: v[:num_images] for k, v in batch.items()}
+        return s.method.reconstruct(nnx.merge(s.graphdef, params), head)
+
+    return jax.jit(fn, out_shardings=sharding.replicated(s.mesh))
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or gradient norm became NaN/inf; no checkpoint is written after it."""
+
+
+def check_finite(history: list[tuple[int, dict[str, np.ndarray]]]) -> None:
+    """Raises with the first step whose loss or gradient norm is not finite."""
+    for step, metrics in history:
+        for key in ("loss", "grad_norm"):
+            if not np.isfinite(metrics[key]):
+                raise NonFiniteLossError(
+                    f"non-finite {key} ({metrics[key]}) at step {step}; stopping before any "
+                    "checkpoint of this state is written (the last good one is kept)"
+                )
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Pretrains per `config`, resuming from the newest checkpoint in `workdir`.
+
+    Returns the mean metrics of the last logging interval.
+    """
+    config_lib.validate(config)
+    mesh = sharding.make_mesh(config.mesh)
+    sharding.log_mesh(mesh)
+    num_examples = data_input.dataset_size(config)
+    s = setup(config, mesh, num_examples)
+    ckpt = checkpoint.Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        max_to_keep=config.keep_checkpoints,
+        async_save=config.async_checkpointing,
+    )
+    state = s.state
+    latest = ckpt.latest_step()
+    if latest is not None:
+        state = ckpt.restore(latest, abstract_state(s))
+    start_step = int(jax.device_get(state.step))
+    writer = writers.Writer(workdir, config, total_steps=s.total_steps)
+    if start_step == 0:
+        writer.write_config(config)
+        writer.log_parameters(state.params)
+    logging.info(
+        "steps %d -> %d (%d per epoch, %d examples, global batch %d)",
+        start_step,
+        s.total_steps,
+        s.steps_per_epoch,
+        num_examples,
+        config.batch_size,
+    )
+    batches = data_input.make_pretrain_iterator(
+        config, start_step=start_step, batch_transform=s.method.make_batch_transform(config)
+    )
+    reconstruct = make_reconstruct_fn(s, config.num_images)
+    history: list[tuple[int, dict[str, jax.Array]]] = []
+    last = {}
+    with jax.set_mesh(mesh):
+        for step in range(start_step, s.total_steps):
+            batch = sharding.global_batch(next(batches), mesh)
+            state, metrics = s.train_step(state, batch)
+            history.append((step + 1, metrics))
+            done = step + 1
+            is_last = done == s.total_steps
+            preempted = ckpt.reached_preemption(done)
+            if done % config.log_every_steps == 0 or is_last or preempted:
+                fetched = jax.device_get(history)
+                check_finite(fetched)
+                last = writer.write_metrics(done, [m for _, m in fetched])
+                history = []
+            if done % config.image_every_steps == 0 or is_last:
+                writer.write_reconstruction(done, jax.device_get(reconstruct(state.params, batch)))
+            if done % config.checkpoint_every_steps == 0 or is_last or preempted:
+                fetched = jax.device_get(history)
+                check_finite(fetched)
+                ckpt.save(done, state)
+            if preempted:
+                logging.warning("preemption signalled: saved step %d, exiting", done)
+                break
+    batches.close()
+    ckpt.close()
+    writer.close()
+    return last
