@@ -9,6 +9,7 @@ Running the same command again resumes from the newest checkpoint in --workdir.
 
 from __future__ import annotations
 
+import logging as pylogging
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -43,9 +44,17 @@ def _hide_accelerators_from_tensorflow() -> None:
     tf.config.set_visible_devices([], "GPU")
 
 
+class _QuietOrbax(pylogging.Filter):
+    """Drops orbax's per-save INFO chatter; its warnings and errors still show."""
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    logging.get_absl_handler().addFilter(_QuietOrbax())
     sharding.initialize_distributed()
     _hide_accelerators_from_tensorflow()
     config = FLAGS.config

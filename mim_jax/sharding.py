@@ -32,8 +32,13 @@ def initialize_distributed() -> None:
     multi_host_env = any(
         k in os.environ for k in ("TPU_WORKER_HOSTNAMES", "JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS")
     )
-    if multi_host_env and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
+    if not multi_host_env or jax.distributed.is_initialized():
+        return
+    kwargs = {}
+    if "JAX_NUM_PROCESSES" in os.environ:
+        kwargs["num_processes"] = int(os.environ["JAX_NUM_PROCESSES"])
+        kwargs["process_id"] = int(os.environ["JAX_PROCESS_ID"])
+    jax.distributed.initialize(**kwargs)
 
 
 def make_mesh(

@@ -161,6 +161,10 @@ def make_reconstruct_fn(s: Setup, num_images: int) -> Callable:
     return jax.jit(fn, out_shardings=sharding.replicated(s.mesh))
 
 
+# Host-side bookkeeping that the step does not consume.
+HOST_ONLY_KEYS = ("index",)
+
+
 class NonFiniteLossError(FloatingPointError):
     """The loss or gradient norm became NaN/inf; no checkpoint is written after it."""
 
@@ -176,10 +180,10 @@ def check_finite(history: list[tuple[int, dict[str, np.ndarray]]]) -> None:
                 )
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[int, dict[str, float]]:
     """Pretrains per `config`, resuming from the newest checkpoint in `workdir`.
 
-    Returns the mean metrics of the last logging interval.
+    Returns the metrics logged by this run: {step: interval means}.
     """
     config_lib.validate(config)
     mesh = sharding.make_mesh(config.mesh)
@@ -211,32 +215,48 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     batches = data_input.make_pretrain_iterator(
         config, start_step=start_step, batch_transform=s.method.make_batch_transform(config)
     )
+    try:
+        return _loop(s, state, start_step, batches, ckpt, writer)
+    finally:
+        # Pending saves hold good states (non-finite ones never reach save): let them commit.
+        batches.close()
+        ckpt.close()
+        writer.close()
+
+
+def _loop(
+    s: Setup,
+    state: TrainState,
+    start_step: int,
+    batches,
+    ckpt: checkpoint.Checkpointer,
+    writer: writers.Writer,
+) -> dict[int, dict[str, float]]:
+    """Steps from `start_step` to the end; returns the logged metrics by step."""
+    config = s.config
     reconstruct = make_reconstruct_fn(s, config.num_images)
-    history: list[tuple[int, dict[str, jax.Array]]] = []
-    last = {}
-    with jax.set_mesh(mesh):
+    pending: list[tuple[int, dict[str, jax.Array]]] = []
+    logged: dict[int, dict[str, float]] = {}
+    with jax.set_mesh(s.mesh):
         for step in range(start_step, s.total_steps):
-            batch = sharding.global_batch(next(batches), mesh)
+            host_batch = {k: v for k, v in next(batches).items() if k not in HOST_ONLY_KEYS}
+            batch = sharding.global_batch(host_batch, s.mesh)
             state, metrics = s.train_step(state, batch)
-            history.append((step + 1, metrics))
             done = step + 1
+            pending.append((done, metrics))
             is_last = done == s.total_steps
             preempted = ckpt.reached_preemption(done)
             if done % config.log_every_steps == 0 or is_last or preempted:
-                fetched = jax.device_get(history)
+                fetched = jax.device_get(pending)
                 check_finite(fetched)
-                last = writer.write_metrics(done, [m for _, m in fetched])
-                history = []
+                logged[done] = writer.write_metrics(done, [m for _, m in fetched])
+                pending = []
             if done % config.image_every_steps == 0 or is_last:
                 writer.write_reconstruction(done, jax.device_get(reconstruct(state.params, batch)))
             if done % config.checkpoint_every_steps == 0 or is_last or preempted:
-                fetched = jax.device_get(history)
-                check_finite(fetched)
+                check_finite(jax.device_get(pending))
                 ckpt.save(done, state)
             if preempted:
                 logging.warning("preemption signalled: saved step %d, exiting", done)
                 break
-    batches.close()
-    ckpt.close()
-    writer.close()
-    return last
+    return logged

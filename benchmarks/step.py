@@ -1,0 +1,273 @@
+r"""Train-step probe: XLA FLOPs / memory of the compiled step, step time, and a matmul roofline.
+
+Prints ONE JSON line to stdout (logs go to stderr) for one config per run:
+
+  python benchmarks/step.py --config=configs/simmim.py:swin_base_192 --batch=8 --steps=3
+  python benchmarks/step.py --config=configs/simmim.py:vit_base_224 --batch=8 \
+      --config.dtype=bfloat16
+
+A table, one line per variant:
+
+  for v in swin_base_192 vit_base_224 quickstart; do
+    python benchmarks/step.py --config=configs/simmim.py:$v --batch=8 --steps=3
+  done > step.jsonl
+
+The step is the train loop's own (`train.setup(...).train_step`: loss, grads, AdamW, metrics,
+donated state), so any method works through the same interface: `build_model`,
+`make_batch_transform` and `loss_fn`. No data is read: the batch is random-normal images of
+the configured shape plus the method's host-side fields (masks, group plans) from its batch
+transform, so the numbers measure the step alone.
+
+Keys:
+  flops, bytes_accessed   per step, summed over all devices (XLA cost analysis describes one
+                          device's SPMD program; `flops_per_device` is that number).
+  temp_bytes, argument_bytes, output_bytes, alias_bytes
+                          per device, from the compiled executable's memory analysis.
+  compile_s               lowering + compilation of the step.
+  step_s, img_per_s       median over --steps timed steps after --warmup steps.
+  flops_per_s             flops / step_s (all devices).
+  matmul_flops_per_s      achieved FLOP/s of one dense [N, N] x [N, N] matmul per device in the
+                          compute dtype (config.dtype), all devices at once; N grows until one
+                          call takes >= 50 ms. matmul_fraction = flops_per_s / matmul_flops_per_s.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags
+from jax.sharding import NamedSharding, PartitionSpec
+from ml_collections import config_flags
+
+from mim_jax import config_lib, sharding, train
+from mim_jax.methods import get_method
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    "config", None, "Config file, optionally with ':variant[,key=value...]'.", lock_config=True
+)
+flags.DEFINE_integer("batch", 0, "Global batch size; overrides config.batch_size when > 0.")
+flags.DEFINE_integer("steps", 10, "Timed train steps (the median is reported).")
+flags.DEFINE_integer("warmup", 2, "Untimed train steps before the timed ones.")
+flags.DEFINE_integer("num_examples", 1_281_167, "Data set size for the lr schedule (ImageNet).")
+flags.DEFINE_bool("matmul", True, "Measure the dense-matmul roofline (matmul_* keys).")
+flags.mark_flags_as_required(["config"])
+
+_MATMUL_MIN_S = 0.05  # Grow N until one matmul call takes at least this long ...
+_MATMUL_MAX_N = 16384  # ... or N reaches this.
+_MATMUL_REPEATS = 5
+
+# (embed_dim, depths) -> size name, for the `model` key; anything else is spelled out.
+_SWIN_SIZES = {
+    (96, (2, 2, 6, 2)): "tiny",
+    (96, (2, 2, 18, 2)): "small",
+    (128, (2, 2, 18, 2)): "base",
+    (192, (2, 2, 18, 2)): "large",
+}
+_VIT_SIZES = {(192, 12): "tiny", (384, 12): "small", (768, 12): "base", (1024, 24): "large"}
+
+
+def model_name(model: ml_collections.ConfigDict) -> str:
+    """'swin_base', 'vit_base', or e.g. 'swin_e48_d2-2-2-2' for a non-standard size."""
+    depths = model.get("depths", model.get("depth"))
+    depths = tuple(depths) if isinstance(depths, list | tuple) else depths
+    known = {"swin": _SWIN_SIZES, "vit": _VIT_SIZES}.get(model.name, {})
+    size = known.get((model.embed_dim, depths))
+    if size:
+        return f"{model.name}_{size}"
+    spelled = "-".join(map(str, depths)) if isinstance(depths, tuple) else str(depths)
+    return f"{model.name}_e{model.embed_dim}_d{spelled}"
+
+
+def synthetic_batch(config: ml_collections.ConfigDict, local_batch: int) -> dict[str, np.ndarray]:
+    """Host-local batch shaped like the pipeline's, with the method's host-side fields added."""
+    rng = np.random.default_rng(config.seed)
+    size, chans = config.model.img_size, config.model.in_chans
+    start = jax.process_index() * local_batch
+    batch = {
+        "image": rng.standard_normal((local_batch, size, size, chans), dtype=np.float32),
+        "label": np.zeros((local_batch,), np.int32),
+        "index": np.arange(start, start + local_batch, dtype=np.int64),
+    }
+    batch = get_method(config.method).make_batch_transform(config)(batch, 0)
+    batch.pop("index")  # Host-side only (mask seeds); int64 does not belong on the device.
+    return batch
+
+
+def cost_analysis(compiled) -> dict[str, float]:
+    """The executable's cost dict (older jax versions return a one-element list)."""
+    costs = compiled.cost_analysis()
+    if isinstance(costs, list | tuple):
+        costs = costs[0] if costs else {}
+    return dict(costs or {})
+
+
+def memory_analysis(compiled) -> dict[str, int | None]:
+    """Per-device buffer sizes of the executable; None where the backend does not say."""
+    try:
+        stats = compiled.memory_analysis()
+    except (NotImplementedError, RuntimeError):  # Some backends do not implement it.
+        stats = None
+    fields = ("temp", "argument", "output", "alias")
+    return {f"{f}_bytes": getattr(stats, f"{f}_size_in_bytes", None) for f in fields}
+
+
+def matmul_roofline(mesh: jax.sharding.Mesh, dtype) -> dict[str, float]:
+    """Achieved FLOP/s of one [N, N] x [N, N] matmul per device, on all devices of `mesh` at once.
+
+    Also returns `cost_scale`: the analytic FLOPs over what XLA's cost analysis reports for the
+    same sharded program (the device count if the analysis is per device, else 1).
+    """
+    num_devices = mesh.devices.size
+    spread = NamedSharding(mesh, PartitionSpec(sharding.MESH_AXES))
+    matmul = jax.jit(lambda a, b: jnp.einsum("dij,djk->dik", a, b), out_shardings=spread)
+
+    def timed(fn, *args) -> float:
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        return time.perf_counter() - start
+
+    n = 256
+    while True:
+        shape = (num_devices, n, n)
+        operands = jax.jit(
+            lambda key, shape=shape: tuple(
+                jax.random.normal(k, shape, dtype) for k in jax.random.split(key)
+            ),
+            out_shardings=(spread, spread),
+        )(jax.random.key(0))
+        compiled = matmul.lower(*operands).compile()
+        timed(compiled, *operands)  # Warm-up.
+        if timed(compiled, *operands) >= _MATMUL_MIN_S or n >= _MATMUL_MAX_N:
+            break
+        n *= 2
+    seconds = statistics.median(timed(compiled, *operands) for _ in range(_MATMUL_REPEATS))
+    flops = 2.0 * n**3 * num_devices
+    reported = cost_analysis(compiled).get("flops") or flops
+    return {
+        "matmul_n": n,
+        "matmul_s": seconds,
+        "matmul_flops_per_s": flops / seconds,
+        "cost_scale": max(1, round(flops / reported)),
+    }
+
+
+def host_info() -> dict[str, object]:
+    """CPU model and count of this host."""
+    cpu = platform.processor()
+    if not cpu and os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else ""
+    return {"cpu": cpu or platform.machine(), "cpus": os.cpu_count()}
+
+
+def benchmark(config: ml_collections.ConfigDict, variant: str) -> dict[str, object]:
+    """Compiles and times the train step of `config`; returns the JSON record."""
+    config_lib.validate(config)
+    mesh = sharding.make_mesh(config.mesh)
+    sharding.log_mesh(mesh)
+    num_devices = mesh.devices.size
+    local_batch = config.batch_size // jax.process_count()
+    host_batch = synthetic_batch(config, local_batch)
+
+    start = time.perf_counter()
+    s = train.setup(config, mesh, FLAGS.num_examples)
+    jax.block_until_ready(s.state)
+    init_s = time.perf_counter() - start
+    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(s.state.params))
+    logging.info("%s: %.1fM parameters, init %.1f s", variant, num_params / 1e6, init_s)
+
+    with jax.set_mesh(mesh):
+        batch = sharding.global_batch(host_batch, mesh)
+        start = time.perf_counter()
+        compiled = s.train_step.lower(s.state, batch).compile()
+        compile_s = time.perf_counter() - start
+        logging.info("compiled in %.1f s", compile_s)
+
+        state, times, metrics = s.state, [], {}
+        for i in range(FLAGS.warmup + FLAGS.steps):
+            start = time.perf_counter()
+            state, metrics = compiled(state, batch)  # Donates `state`: feed the new one back.
+            jax.block_until_ready((state, metrics))
+            if i >= FLAGS.warmup:
+                times.append(time.perf_counter() - start)
+            logging.info("step %d: %.3f s", i, time.perf_counter() - start)
+        roofline = matmul_roofline(mesh, jnp.dtype(config.dtype)) if FLAGS.matmul else {}
+
+    costs = cost_analysis(compiled)
+    scale = roofline.pop("cost_scale", num_devices)
+    flops_per_device = costs.get("flops")
+    flops = flops_per_device * scale if flops_per_device is not None else None
+    bytes_accessed = costs.get("bytes accessed")
+    step_s = statistics.median(times) if times else None
+    flops_per_s = flops / step_s if flops and step_s else None
+    matmul_flops_per_s = roofline.get("matmul_flops_per_s")
+    device = jax.devices()[0]
+    return {
+        "variant": variant,
+        "model": model_name(config.model),
+        "method": config.method,
+        "image_size": config.model.img_size,
+        "batch": config.batch_size,
+        "devices": num_devices,
+        "mesh": sharding.describe(mesh),
+        "dtype": config.dtype,
+        "params": num_params,
+        "flops": flops,
+        "flops_per_device": flops_per_device,
+        "bytes_accessed": bytes_accessed * scale if bytes_accessed is not None else None,
+        **memory_analysis(compiled),
+        "init_s": init_s,
+        "compile_s": compile_s,
+        "steps": len(times),
+        "step_s": step_s,
+        "step_s_min": min(times) if times else None,
+        "img_per_s": config.batch_size / step_s if step_s else None,
+        "flops_per_s": flops_per_s,
+        **roofline,
+        "matmul_dtype": config.dtype if roofline else None,
+        "matmul_fraction": (
+            flops_per_s / matmul_flops_per_s if flops_per_s and matmul_flops_per_s else None
+        ),
+        "loss": float(jax.device_get(metrics["loss"])) if metrics else None,
+        "platform": device.platform,
+        "device_kind": device.device_kind,
+        "host": host_info(),
+        "jax": jax.__version__,
+    }
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    logging.getLogger().setLevel(logging.INFO)
+    sharding.initialize_distributed()
+    config = FLAGS.config
+    if FLAGS.batch > 0:
+        config.batch_size = FLAGS.batch
+    variant = config_flags.get_config_filename(FLAGS["config"])
+    overrides = config_flags.get_override_values(FLAGS["config"])
+    if overrides:
+        variant += " " + " ".join(f"--config.{k}={v}" for k, v in sorted(overrides.items()))
+    record = benchmark(config, variant)
+    if jax.process_index() == 0:
+        print(json.dumps(record), flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)
