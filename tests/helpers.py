@@ -19,9 +19,7 @@ def load_config(file: str, arg: str = "") -> ml_collections.ConfigDict:
 def tiny_simmim_config(**overrides) -> ml_collections.ConfigDict:
     """A 2-stage Swin on 32 px bundled crops; every sharded dim divides 8."""
     c = load_config("simmim", "quickstart")
-    c.model.update(
-        img_size=32, embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=4
-    )
+    c.model.update(img_size=32, embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=4)
     c.mask.patch_size = 16
     c.batch_size = 16
     c.total_steps = 4

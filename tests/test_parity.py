@@ -67,9 +67,7 @@ def test_forward_matches_official(name):
     model, batch, io, _ = _load(name)
     reconstruction, features = model(batch["image"], batch["mask"])
     np.testing.assert_allclose(features, io["z"].transpose(0, 2, 3, 1), atol=1e-5, rtol=0)
-    np.testing.assert_allclose(
-        reconstruction, io["x_rec"].transpose(0, 2, 3, 1), atol=1e-5, rtol=0
-    )
+    np.testing.assert_allclose(reconstruction, io["x_rec"].transpose(0, 2, 3, 1), atol=1e-5, rtol=0)
     loss, aux = simmim.loss_fn(model, batch, None)
     np.testing.assert_allclose(loss, io["loss"], atol=1e-5, rtol=0)
     assert float(aux["l1_masked"]) == float(loss)
@@ -95,10 +93,10 @@ def test_importer_reports_unused_and_missing_keys():
     state = dict(np.load(FIXTURES / "simmim_swin_tiny_state.npz"))
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     extra = {**state, "encoder.head.weight": np.zeros((10, 128), np.float32)}
-    with pytest.raises(convert.ConversionError, match="unused state_dict keys: encoder.head"):
+    with pytest.raises(convert.ConversionError, match=r"unused state_dict keys: encoder\.head"):
         convert.import_torch(params, extra, "swin")
     missing = {k: v for k, v in state.items() if k != "encoder.norm.weight"}
-    with pytest.raises(convert.ConversionError, match="missing in state_dict: encoder.norm"):
+    with pytest.raises(convert.ConversionError, match=r"missing in state_dict: encoder\.norm"):
         convert.import_torch(params, missing, "swin")
     bad = {**state, "encoder.norm.weight": np.zeros((7,), np.float32)}
     with pytest.raises(convert.ConversionError, match="shape mismatch"):

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 from helpers import tiny_simmim_config
 
-from mim_jax import checkpoint, sharding, train
+from mim_jax import checkpoint, pytree, sharding, train
 from mim_jax.data import input as data_input
 from mim_jax.methods import simmim
 
@@ -55,7 +55,8 @@ def test_sharded_step_equals_single_device(single_device_step, shape, sharded_ax
     np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], atol=1e-5, rtol=0)
     np.testing.assert_allclose(metrics["grad_norm"], ref_metrics["grad_norm"], rtol=1e-5)
     params = jax.device_get(nnx.to_pure_dict(state.params))
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=0), params, ref_params)
+    for path, value in pytree.flatten(params).items():
+        np.testing.assert_allclose(value, pytree.flatten(ref_params)[path], atol=1e-5, err_msg=path)
 
     fc1 = state.params["encoder"]["layers"][0]["blocks"][0]["mlp"]["fc1"]["kernel"][...]
     assert len(fc1.sharding.device_set) == 8
@@ -63,7 +64,8 @@ def test_sharded_step_equals_single_device(single_device_step, shape, sharded_ax
         spec = fc1.sharding.spec
         assert sharded_axis in jax.tree.leaves(tuple(spec)), spec
         assert fc1.addressable_shards[0].data.size < fc1.size
-    adam_mu = state.opt_state[1][0].mu["encoder"]["layers"][0]["blocks"][0]["mlp"]["fc1"]["kernel"][...]
+    adam = state.opt_state[1][0]
+    adam_mu = adam.mu["encoder"]["layers"][0]["blocks"][0]["mlp"]["fc1"]["kernel"][...]
     assert adam_mu.sharding == fc1.sharding
 
 
@@ -87,7 +89,7 @@ def test_no_recompilation_across_steps():
     assert s.train_step._cache_size() == 1
 
 
-class _Interrupted(Exception):
+class _InterruptedError(Exception):
     pass
 
 
@@ -104,7 +106,7 @@ def _interrupt_after(monkeypatch, stop_step: int):
 
             def __next__(self):
                 if self.step == stop_step:
-                    raise _Interrupted(f"killed before step {stop_step}")
+                    raise _InterruptedError(f"killed before step {stop_step}")
                 self.step += 1
                 return next(inner)
 
@@ -132,7 +134,7 @@ def test_resume_after_interruption_is_exact(tmp_path, monkeypatch):
 
     with monkeypatch.context() as m:
         _interrupt_after(m, n)
-        with pytest.raises(_Interrupted):
+        with pytest.raises(_InterruptedError):
             train.train(config, str(tmp_path / "resumed"))
     first = _restore_params(str(tmp_path / "resumed"), config)
     assert first[0] == n
