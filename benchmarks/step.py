@@ -104,8 +104,8 @@ def synthetic_batch(config: ml_collections.ConfigDict, local_batch: int) -> dict
         "index": np.arange(start, start + local_batch, dtype=np.int64),
     }
     batch = get_method(config.method).make_batch_transform(config)(batch, 0)
-    batch.pop("index")  # Host-side only (mask seeds); int64 does not belong on the device.
-    return batch
+    # As in the train loop: host-side bookkeeping (e.g. the int64 'index') stays on the host.
+    return {k: v for k, v in batch.items() if k not in train.HOST_ONLY_KEYS}
 
 
 def cost_analysis(compiled) -> dict[str, float]:

@@ -5,7 +5,7 @@ Variants (`--config=configs/simmim.py:<variant>`; no variant = swin_base_192):
   swin_base_192_800ep  Swin-B, 800 epochs, multistep x0.1 at epoch 700.
   swin_large_192_800ep Swin-L, window 12, 800 epochs.
   vit_base_224         ViT-B/16, 224 px, 800 epochs, shared relative position bias.
-  quickstart           Tiny Swin on the bundled photos; a few minutes on a CPU.
+  quickstart           Small 3-stage Swin on the bundled photos; ~5 minutes on a CPU.
 Key/value overrides can follow the variant (`:quickstart,total_steps=20`) or be given as flags.
 
 Launch:
@@ -93,9 +93,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         _multistep_800ep(c)
     elif variant == "quickstart":
         c.model.img_size = 96
-        c.model.embed_dim = 48
-        c.model.depths = (2, 2, 2, 2)
-        c.model.num_heads = (2, 4, 8, 16)
+        c.model.patch_size = 8
+        c.model.embed_dim = 64
+        c.model.depths = (2, 2, 2)
+        c.model.num_heads = (2, 4, 8)
         c.model.window_size = 6
         c.data.source = "bundled"
         c.data.num_examples = 4096

@@ -73,9 +73,10 @@ def make_train_step(
     dropout_key = jax.random.key(config.seed + 1)
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
-        rngs = nnx.Rngs(dropout=jax.random.fold_in(dropout_key, state.step))
+        step_key = jax.random.fold_in(dropout_key, state.step)
 
         def compute_loss(params: nnx.State):
+            rngs = nnx.Rngs(dropout=step_key)  # Built inside the grad trace: NNX needs that.
             return method.loss_fn(nnx.merge(graphdef, params), batch, rngs)
 
         (loss, aux), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.params)

@@ -7,14 +7,16 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Tests build the same tiny programs many times (and in subprocesses): a persistent XLA cache
+# turns the repeats into cache hits. Entries are keyed by program, flags and jax version.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "/tmp/mim_jax_test_xla_cache")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
-import pathlib
 
 import jax
 import pytest
 from absl import flags
-
-REFERENCE_DIR = pathlib.Path(__file__).parent / "fixtures"
 
 # grain worker processes and absl-based code need parsed flags.
 if not flags.FLAGS.is_parsed():
