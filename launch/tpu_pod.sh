@@ -4,8 +4,9 @@
 #   bash launch/tpu_pod.sh TPU_NAME ZONE [mim_jax.main flags...]
 #
 # With SETUP=1 it first copies this checkout to ~/mim_jax on every host and installs the
-# requirements plus jax[tpu]. Logs of host 0 stream to this terminal; all hosts write to the
-# same --workdir (use a gs:// path).
+# requirements plus jax[tpu]. The output of every host streams to this terminal (run it inside
+# tmux or screen so a dropped connection does not stop the job); all hosts write to the same
+# --workdir (use a gs:// path).
 set -euo pipefail
 
 if [ "$#" -lt 2 ]; then

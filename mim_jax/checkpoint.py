@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 
-import jax
 import orbax.checkpoint as ocp
 
 from mim_jax.pytree import flatten
@@ -52,7 +51,7 @@ class Checkpointer:
 
     def _check_shapes(self, step: int, abstract_state) -> None:
         stored = flatten(self.manager.item_metadata(step).tree)
-        expected = flatten(jax.tree.map(lambda x: x, abstract_state))
+        expected = flatten(abstract_state)
         stored = {k.removesuffix(".value"): v for k, v in stored.items()}
         problems = []
         for path, leaf in expected.items():
@@ -76,10 +75,6 @@ class Checkpointer:
         state = self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
         logging.info("restored checkpoint step %d from %s", step, self.directory)
         return state
-
-    def wait(self) -> None:
-        """Blocks until pending async saves are committed."""
-        self.manager.wait_until_finished()
 
     def close(self) -> None:
         """Waits for pending saves and releases the manager."""

@@ -12,11 +12,10 @@ import ml_collections
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# Logical axis name -> mesh axes. Parameters and activations carry logical names; this one
-# table decides how they map to the mesh. A dimension not divisible by its mesh axes stays
-# replicated (sharding.py), so tiny models run on any mesh.
+# Logical axis name -> mesh axes for parameters (and so for optimizer state). A dimension not
+# divisible by its mesh axes stays replicated (sharding.py), so tiny models run on any mesh.
+# Batches are always split over data x fsdp (sharding.BATCH_AXES).
 DEFAULT_SHARDING_RULES = (
-    ("batch", ("data", "fsdp")),
     ("embed", "fsdp"),
     ("mlp", "tensor"),
     ("heads", "tensor"),
@@ -72,6 +71,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.eps = 1e-8
     c.optim.weight_decay = 0.05
     c.optim.grad_clip = 5.0  # Global-norm clip; 0 disables.
+    c.optim.layer_decay = 1.0  # < 1: layer-wise lr decay (fine-tuning recipes).
     # Parameters whose path contains one of these (or that are 1-D) get no weight decay.
     c.optim.no_decay_keywords = (
         "mask_token",
@@ -130,13 +130,17 @@ def apply_pairs(c: ml_collections.ConfigDict, pairs: dict[str, str]) -> None:
         if leaf not in node:
             raise ConfigError(f"unknown config key '{key}'")
         old = node[leaf]
+        if isinstance(old, tuple | list) and (not old or isinstance(old[0], tuple | list)):
+            raise ConfigError(
+                f"config key '{key}' cannot be set from the config arg; use --config.{key}=..."
+            )
         try:
             if isinstance(old, bool):
                 if raw.lower() not in ("true", "false"):
                     raise ValueError(raw)
                 value = raw.lower() == "true"
-            elif isinstance(old, (tuple, list)):
-                value = tuple(type(old[0])(v) if old else v for v in raw.split(":"))
+            elif isinstance(old, tuple | list):
+                value = tuple(type(old[0])(v) for v in raw.split(":"))
             else:
                 value = type(old)(raw)
         except ValueError as e:
@@ -183,6 +187,15 @@ def validate(c: ml_collections.ConfigDict) -> None:
     )
     _check(c.optim.base_lr > 0, f"config.optim.base_lr={c.optim.base_lr} must be > 0")
     _check(c.optim.grad_clip >= 0, f"config.optim.grad_clip={c.optim.grad_clip} must be >= 0")
+    _check(
+        0 < c.optim.layer_decay <= 1,
+        f"config.optim.layer_decay={c.optim.layer_decay} must be in (0, 1]",
+    )
+    _check(
+        c.data.num_workers >= 0 and c.data.prefetch >= 0 and c.keep_checkpoints >= 1,
+        "config.data.num_workers and config.data.prefetch must be >= 0, "
+        "config.keep_checkpoints >= 1",
+    )
     for axis in ("data", "fsdp", "tensor"):
         size = c.mesh[axis]
         _check(size == -1 or size >= 1, f"config.mesh.{axis}={size} must be -1 or >= 1")
@@ -219,6 +232,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
             len(m.depths) == len(m.num_heads),
             "config.model.depths and config.model.num_heads must have the same length",
         )
+        for stage, heads in enumerate(m.num_heads):
+            dim = m.embed_dim * 2**stage
+            _check(
+                dim % heads == 0,
+                f"config.model.num_heads[{stage}]={heads} does not divide the stage width {dim}",
+            )
     elif m.name == "vit":
         _check(
             m.img_size % m.patch_size == 0,

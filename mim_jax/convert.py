@@ -1,4 +1,4 @@
-"""PyTorch state_dict <-> mim_jax parameters, with one explicit name table per model.
+"""PyTorch state_dict -> mim_jax parameters, with one explicit name table per model.
 
 A table is a list of (our-path regex, PyTorch-path template) pairs applied to the module part
 of a parameter path; the leaf is renamed by kind (Linear/Conv `kernel` <-> `weight`, LayerNorm
@@ -22,12 +22,46 @@ from mim_jax import pytree
 # Official buffers that our models recompute as constants.
 TORCH_BUFFERS = (r".*relative_position_index$", r".*attn_mask$")
 
-# (regex on our path with the leaf already renamed, PyTorch key template). First match wins.
+# (regex on our path with the leaf already renamed, PyTorch key template). First match wins;
+# a parameter that matches no row is an error, so every module of a model is listed here.
+_W = r"(weight|bias)"
+_BLOCK = r"^encoder\.layers\.(\d+)\.blocks\.(\d+)\."
 SWIN_TABLE = (
-    (r"^encoder\.(.*)$", r"encoder.\1"),
-    (r"^decoder\.proj\.(weight|bias)$", r"decoder.0.\1"),
+    (rf"^encoder\.patch_embed\.(proj|norm)\.{_W}$", r"encoder.patch_embed.\1.\2"),
+    (r"^encoder\.mask_token$", "encoder.mask_token"),
+    (rf"{_BLOCK}(norm1|norm2)\.{_W}$", r"encoder.layers.\1.blocks.\2.\3.\4"),
+    (rf"{_BLOCK}attn\.(qkv|proj)\.{_W}$", r"encoder.layers.\1.blocks.\2.attn.\3.\4"),
+    (
+        rf"{_BLOCK}attn\.relative_position_bias_table$",
+        r"encoder.layers.\1.blocks.\2.attn.relative_position_bias_table",
+    ),
+    (rf"{_BLOCK}mlp\.(fc1|fc2)\.{_W}$", r"encoder.layers.\1.blocks.\2.mlp.\3.\4"),
+    (
+        rf"^encoder\.layers\.(\d+)\.downsample\.(norm|reduction)\.{_W}$",
+        r"encoder.layers.\1.downsample.\2.\3",
+    ),
+    (rf"^encoder\.norm\.{_W}$", r"encoder.norm.\1"),
+    (rf"^decoder\.proj\.{_W}$", r"decoder.0.\1"),
 )
-VIT_TABLE = SWIN_TABLE
+_VIT_BLOCK = r"^encoder\.blocks\.(\d+)\."
+VIT_TABLE = (
+    (rf"^encoder\.patch_embed\.proj\.{_W}$", r"encoder.patch_embed.proj.\1"),
+    (r"^encoder\.(cls_token|mask_token|pos_embed)$", r"encoder.\1"),
+    (
+        r"^encoder\.rel_pos_bias\.relative_position_bias_table$",
+        "encoder.rel_pos_bias.relative_position_bias_table",
+    ),
+    (rf"{_VIT_BLOCK}(norm1|norm2)\.{_W}$", r"encoder.blocks.\1.\2.\3"),
+    (rf"{_VIT_BLOCK}(gamma_1|gamma_2)$", r"encoder.blocks.\1.\2"),
+    (
+        rf"{_VIT_BLOCK}attn\.(q_bias|v_bias|relative_position_bias_table)$",
+        r"encoder.blocks.\1.attn.\2",
+    ),
+    (rf"{_VIT_BLOCK}attn\.(qkv|proj)\.{_W}$", r"encoder.blocks.\1.attn.\2.\3"),
+    (rf"{_VIT_BLOCK}mlp\.(fc1|fc2)\.{_W}$", r"encoder.blocks.\1.mlp.\2.\3"),
+    (rf"^encoder\.norm\.{_W}$", r"encoder.norm.\1"),
+    (rf"^decoder\.proj\.{_W}$", r"decoder.0.\1"),
+)
 TABLES = {"swin": SWIN_TABLE, "vit": VIT_TABLE}
 
 

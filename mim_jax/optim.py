@@ -29,6 +29,7 @@ import numpy as np
 import optax
 
 from mim_jax import pytree
+from mim_jax.config_lib import ConfigError
 
 PyTree = Any
 
@@ -53,14 +54,14 @@ def _timm_schedule(
     warmup_slope = (peak_lr - warmup_lr) / max(warmup_steps, 1)
     milestones = np.asarray(sorted(int(e * steps_per_epoch) for e in optim.decay_epochs), np.int32)
     if optim.schedule == "cosine" and total_steps <= 0:
-        raise ValueError(f"total_steps={total_steps} must be > 0 for the cosine schedule")
+        raise ConfigError(f"total_steps={total_steps} must be > 0 for the cosine schedule")
     if optim.schedule == "multistep" and milestones.size and warmup_steps > milestones[0]:
-        raise ValueError(
+        raise ConfigError(
             f"config.optim.warmup_epochs={optim.warmup_epochs} ends after the first multistep "
             f"milestone (epoch {min(optim.decay_epochs)})"
         )
     if optim.schedule not in ("cosine", "multistep"):
-        raise ValueError(f"config.optim.schedule='{optim.schedule}' must be cosine or multistep")
+        raise ConfigError(f"config.optim.schedule='{optim.schedule}' must be cosine or multistep")
 
     def schedule(count: jax.Array) -> jax.Array:
         step = jnp.maximum(jnp.asarray(count, jnp.int32) - 1, 0)
@@ -137,7 +138,7 @@ def _layer_ids(config: ml_collections.ConfigDict, params: PyTree) -> tuple[int, 
         num_layers = model.depth + 2
         layer_id = functools.partial(layer_ids_vit, depth=model.depth)
     else:
-        raise ValueError(f"layer decay: config.model.name='{model.name}' must be swin or vit")
+        raise ConfigError(f"layer decay: config.model.name='{model.name}' must be swin or vit")
     ids = jax.tree_util.tree_map_with_path(
         lambda path, _: layer_id(pytree.param_path(path)), params
     )
@@ -168,7 +169,7 @@ def make_optimizer(
             mask=mask,
         )
 
-    layer_decay = optim.get("layer_decay", 1.0)
+    layer_decay = optim.layer_decay
     if layer_decay < 1.0:
         num_layers, layer_ids = _layer_ids(config, params)
         tx = optax.multi_transform(

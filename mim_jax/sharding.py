@@ -18,6 +18,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from mim_jax.config_lib import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -50,7 +52,7 @@ def make_mesh(
     fixed = int(np.prod([s for s in sizes.values() if s != -1]))
     free = [a for a, s in sizes.items() if s == -1]
     if len(free) > 1:
-        raise ValueError(f"config.mesh: only one axis may be -1, got {free}")
+        raise ConfigError(f"config.mesh: only one axis may be -1, got {free}")
     if free:
         if len(devices) % fixed:
             raise ValueError(
@@ -59,7 +61,7 @@ def make_mesh(
         sizes[free[0]] = len(devices) // fixed
     shape = tuple(sizes[a] for a in MESH_AXES)
     if int(np.prod(shape)) != len(devices):
-        raise ValueError(
+        raise ConfigError(
             f"config.mesh: data*fsdp*tensor = {int(np.prod(shape))} but there are "
             f"{len(devices)} devices"
         )
@@ -69,6 +71,16 @@ def make_mesh(
         axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
         devices=devices,
     )
+
+
+def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh) -> None:
+    """The global batch must split evenly over hosts and over the data x fsdp shards."""
+    shards = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+    if batch_size % shards or batch_size % jax.process_count():
+        raise ConfigError(
+            f"config.batch_size={batch_size} must be divisible by data*fsdp={shards} and by "
+            f"the number of hosts ({jax.process_count()})"
+        )
 
 
 def logical_to_mesh(

@@ -7,6 +7,7 @@ and reconstruct.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -37,14 +38,18 @@ class TrainState:
 
 @dataclasses.dataclass
 class Setup:
-    """A built experiment: model structure, sharded state and the compiled-on-demand step."""
+    """A built experiment: model structure, shardings, state initializer and the step.
+
+    Nothing is allocated until `init_state()` is called (a resumed run restores into
+    `abstract_state` instead, so it never holds a second, freshly initialized copy).
+    """
 
     config: ml_collections.ConfigDict
     mesh: jax.sharding.Mesh
     method: Any
     graphdef: nnx.GraphDef
-    state: TrainState
-    state_shardings: TrainState
+    abstract_state: TrainState  # ShapeDtypeStructs carrying the target shardings.
+    init_state: Callable[[], TrainState]
     schedule: optax.Schedule
     train_step: Callable
     steps_per_epoch: int
@@ -96,7 +101,7 @@ def make_train_step(
 
 
 def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, num_examples: int) -> Setup:
-    """Builds the model abstractly, derives shardings, and initializes the state sharded."""
+    """Builds the model abstractly and derives shardings; the state is born sharded on init."""
     method = get_method(config.method)
     steps_per_epoch, total_steps = schedule_steps(config, num_examples)
     graphdef, abstract_params = nnx.split(_abstract_model(config, method), nnx.Param)
@@ -121,8 +126,17 @@ def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, num_exampl
         params = nnx.state(model, nnx.Param)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
-    with jax.set_mesh(mesh):
-        state = jax.jit(init, out_shardings=state_shardings)()
+    init_jit = jax.jit(init, out_shardings=state_shardings)
+
+    def init_state() -> TrainState:
+        with jax.set_mesh(mesh):
+            return init_jit()
+
+    abstract = jax.tree.map(
+        lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+        jax.eval_shape(init),
+        state_shardings,
+    )
     step_fn = jax.jit(
         make_train_step(config, method, graphdef, tx, schedule),
         in_shardings=(state_shardings, None),
@@ -134,21 +148,12 @@ def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, num_exampl
         mesh=mesh,
         method=method,
         graphdef=graphdef,
-        state=state,
-        state_shardings=state_shardings,
+        abstract_state=abstract,
+        init_state=init_state,
         schedule=schedule,
         train_step=step_fn,
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
-    )
-
-
-def abstract_state(s: Setup) -> TrainState:
-    """ShapeDtypeStructs with target shardings, for restoring onto the current mesh."""
-    return jax.tree.map(
-        lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
-        s.state,
-        s.state_shardings,
     )
 
 
@@ -167,13 +172,13 @@ HOST_ONLY_KEYS = ("index",)
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss or gradient norm became NaN/inf; no checkpoint is written after it."""
+    """Loss, gradients or parameters became NaN/inf; no checkpoint is written after it."""
 
 
 def check_finite(history: list[tuple[int, dict[str, np.ndarray]]]) -> None:
-    """Raises with the first step whose loss or gradient norm is not finite."""
+    """Raises with the first step whose loss, gradient norm or parameter norm is not finite."""
     for step, metrics in history:
-        for key in ("loss", "grad_norm"):
+        for key in ("loss", "grad_norm", "param_norm"):
             if not np.isfinite(metrics[key]):
                 raise NonFiniteLossError(
                     f"non-finite {key} ({metrics[key]}) at step {step}; stopping before any "
@@ -189,40 +194,38 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[int, dict[str
     config_lib.validate(config)
     mesh = sharding.make_mesh(config.mesh)
     sharding.log_mesh(mesh)
+    sharding.check_batch_size(config.batch_size, mesh)
     num_examples = data_input.dataset_size(config)
     s = setup(config, mesh, num_examples)
-    ckpt = checkpoint.Checkpointer(
-        os.path.join(workdir, "checkpoints"),
-        max_to_keep=config.keep_checkpoints,
-        async_save=config.async_checkpointing,
-    )
-    state = s.state
-    latest = ckpt.latest_step()
-    if latest is not None:
-        state = ckpt.restore(latest, abstract_state(s))
-    start_step = int(jax.device_get(state.step))
-    writer = writers.Writer(workdir, config, total_steps=s.total_steps)
-    if start_step == 0:
-        writer.write_config(config)
-        writer.log_parameters(state.params)
-    logging.info(
-        "steps %d -> %d (%d per epoch, %d examples, global batch %d)",
-        start_step,
-        s.total_steps,
-        s.steps_per_epoch,
-        num_examples,
-        config.batch_size,
-    )
-    batches = data_input.make_pretrain_iterator(
-        config, start_step=start_step, batch_transform=s.method.make_batch_transform(config)
-    )
-    try:
+    with contextlib.ExitStack() as stack:
+        ckpt = checkpoint.Checkpointer(
+            os.path.join(workdir, "checkpoints"),
+            max_to_keep=config.keep_checkpoints,
+            async_save=config.async_checkpointing,
+        )
+        # Runs last on exit: pending saves hold good states (non-finite ones never reach save).
+        stack.callback(ckpt.close)
+        latest = ckpt.latest_step()
+        state = s.init_state() if latest is None else ckpt.restore(latest, s.abstract_state)
+        start_step = int(jax.device_get(state.step))
+        writer = writers.Writer(workdir, config, total_steps=s.total_steps)
+        stack.callback(writer.close)
+        if start_step == 0:
+            writer.write_config(config)
+            writer.log_parameters(state.params)
+        logging.info(
+            "steps %d -> %d (%d per epoch, %d examples, global batch %d)",
+            start_step,
+            s.total_steps,
+            s.steps_per_epoch,
+            num_examples,
+            config.batch_size,
+        )
+        batches = data_input.make_pretrain_iterator(
+            config, start_step=start_step, batch_transform=s.method.make_batch_transform(config)
+        )
+        stack.callback(batches.close)
         return _loop(s, state, start_step, batches, ckpt, writer)
-    finally:
-        # Pending saves hold good states (non-finite ones never reach save): let them commit.
-        batches.close()
-        ckpt.close()
-        writer.close()
 
 
 def _loop(

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 
 import jax
 import ml_collections
 import numpy as np
 from clu import metric_writers, parameter_overview
+from etils import epath
 from flax import nnx
 from PIL import Image
 
@@ -43,7 +43,7 @@ class Writer:
     """Metric writer for one run; only process 0 writes files, every process logs."""
 
     def __init__(self, workdir: str, config: ml_collections.ConfigDict, *, total_steps: int):
-        self.workdir = workdir
+        self.workdir = epath.Path(workdir)  # Local paths and gs:// alike.
         self.config = config
         self.total_steps = total_steps
         self.is_chief = jax.process_index() == 0
@@ -57,9 +57,8 @@ class Writer:
         """Records the config as TensorBoard hparams and as workdir/config.json."""
         self.writer.write_hparams({k: str(v) for k, v in _flatten_config(config.to_dict()).items()})
         if self.is_chief:
-            os.makedirs(self.workdir, exist_ok=True)
-            with open(os.path.join(self.workdir, "config.json"), "w") as f:
-                f.write(config.to_json_best_effort(indent=2))
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            (self.workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
     def log_parameters(self, params: nnx.State) -> None:
         """Logs the parameter table (shapes, counts) once at the start."""
@@ -101,9 +100,10 @@ class Writer:
         grid = reconstruction_grid(images, self.config.data.mean, self.config.data.std)
         self.writer.write_images(step, {"reconstruction": grid[None]})
         if self.is_chief:
-            out = os.path.join(self.workdir, "reconstructions")
-            os.makedirs(out, exist_ok=True)
-            Image.fromarray(grid).save(os.path.join(out, f"step_{step:08d}.png"))
+            out = self.workdir / "reconstructions"
+            out.mkdir(parents=True, exist_ok=True)
+            with (out / f"step_{step:08d}.png").open("wb") as f:
+                Image.fromarray(grid).save(f, format="PNG")
 
     def close(self) -> None:
         """Flushes and closes the underlying writers."""

@@ -18,7 +18,7 @@ import optax
 import pytest
 from flax import nnx
 
-from mim_jax import config_lib, optim
+from mim_jax import config_lib, optim, pytree
 
 
 def _config(**optim_fields) -> ml_collections.ConfigDict:
@@ -163,7 +163,7 @@ def _params() -> nnx.State:
 
 def _flat(tree) -> dict[str, typing.Any]:
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {optim.param_path(path): leaf for path, leaf in leaves}
+    return {pytree.param_path(path): leaf for path, leaf in leaves}
 
 
 def test_param_path():
@@ -184,7 +184,7 @@ def test_param_path():
         Opaque, lambda o: (o.children, None), lambda _, children: Opaque(children)
     )
     tree = {"a": [Pair(1, 2)], "b": (Opaque([3]),)}
-    paths = [optim.param_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    paths = [pytree.param_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
     assert paths == ["a.0.first", "a.0.second", "b.0.0"]
 
 

@@ -33,7 +33,7 @@ def _one_step(mesh, batch):
     config = tiny_simmim_config()
     s = train.setup(config, mesh, num_examples=64)
     with jax.set_mesh(mesh):
-        state, metrics = s.train_step(s.state, sharding.global_batch(batch, mesh))
+        state, metrics = s.train_step(s.init_state(), sharding.global_batch(batch, mesh))
     return state, jax.device_get(metrics)
 
 
@@ -77,7 +77,7 @@ def test_no_recompilation_across_steps():
     batches = data_input.make_pretrain_iterator(
         config, batch_transform=simmim.make_batch_transform(config)
     )
-    state = s.state
+    state = s.init_state()
     masks = []
     with jax.set_mesh(mesh):
         for _ in range(20):
@@ -123,7 +123,7 @@ def _restore_params(workdir: str, config) -> dict:
     mesh = sharding.make_mesh(config.mesh)
     s = train.setup(config, mesh, num_examples=64)
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=5)
-    state = ckpt.restore(ckpt.latest_step(), train.abstract_state(s))
+    state = ckpt.restore(ckpt.latest_step(), s.abstract_state)
     ckpt.close()
     return int(state.step), jax.device_get(nnx.to_pure_dict(state.params))
 

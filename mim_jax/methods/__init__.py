@@ -6,11 +6,13 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+from mim_jax.config_lib import ConfigError
+
 METHODS = ("simmim",)
 
 
 def get_method(name: str) -> ModuleType:
     """The method module for `config.method`."""
     if name not in METHODS:
-        raise ValueError(f"config.method='{name}' must be one of: {', '.join(METHODS)}")
+        raise ConfigError(f"config.method='{name}' must be one of: {', '.join(METHODS)}")
     return importlib.import_module(f"mim_jax.methods.{name}")

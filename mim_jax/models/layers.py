@@ -173,6 +173,14 @@ class PatchMerging(nnx.Module):
         return self.merge(x)
 
 
+def replace_masked(x: jax.Array, mask: jax.Array, token: nnx.Param | None, model: str) -> jax.Array:
+    """SimMIM mask-token replacement: x `[B, h, w, C]` takes `token` where mask `[B, h, w]` is 1."""
+    if token is None:
+        raise ValueError(f"{model} got a mask but was built without a mask token")
+    w = mask[..., None].astype(x.dtype)
+    return x * (1 - w) + token[...].astype(x.dtype) * w
+
+
 @functools.lru_cache(maxsize=64)
 def relative_position_index(height: int, width: int) -> np.ndarray:
     """Swin/BEiT index into a `(2h-1)(2w-1)` bias table for every token pair of an h x w grid.
@@ -197,7 +205,7 @@ def dot_product_attention(
     additive masks).
     """
     scale = q.shape[-1] ** -0.5
-    logits = jnp.einsum("...hqd,...hkd->...hqk", q * scale, k).astype(jnp.float32)
+    logits = jnp.einsum("...hqd,...hkd->...hqk", q * scale, k, preferred_element_type=jnp.float32)
     if bias is not None:
         logits = logits + bias
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)

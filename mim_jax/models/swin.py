@@ -1,8 +1,7 @@
 """Swin Transformer V1 encoder with dense (shifted) window attention, as in SimMIM (SPEC 1.3, 1.6).
 
 Parameter names follow the official PyTorch model (`patch_embed`, `layers.{i}.blocks.{j}.attn.qkv`,
-`layers.{i}.downsample.reduction`, ...), so checkpoints convert with one name table and move
-unchanged between this model and `green_swin.py`.
+`layers.{i}.downsample.reduction`, ...), so official checkpoints convert with one name table.
 """
 
 from __future__ import annotations
@@ -67,8 +66,8 @@ def window_reverse(x: jax.Array, window: int, height: int, width: int) -> jax.Ar
 class WindowAttention(nnx.Module):
     """Multi-head self-attention inside windows with a learned relative position bias.
 
-    The qkv projection, bias lookup and output projection are separate methods so that the
-    grouped (visible-token) layout of GreenMIM reuses them around its own attention core.
+    The qkv projection, bias lookup and output projection are separate methods so that other
+    token layouts (e.g. visible tokens packed in groups) can wrap their own attention core.
     """
 
     def __init__(
@@ -232,7 +231,6 @@ class SwinTransformer(nnx.Module):
         rngs: nnx.Rngs,
     ):
         self.patch_size = patch_size
-        self.num_layers = len(depths)
         self.num_features = embed_dim * 2 ** (len(depths) - 1)
         self.stride = patch_size * 2 ** (len(depths) - 1)
         self.patch_embed = layers.PatchEmbed(
@@ -270,10 +268,7 @@ class SwinTransformer(nnx.Module):
         """Patch embedding with mask-token replacement: `[batch, H/p, W/p, C]`."""
         x = self.patch_embed(images)
         if mask is not None:
-            if self.mask_token is None:
-                raise ValueError("SwinTransformer got a mask but was built without a mask token")
-            w = mask[..., None].astype(x.dtype)
-            x = x * (1 - w) + self.mask_token[...].astype(x.dtype) * w
+            x = layers.replace_masked(x, mask, self.mask_token, type(self).__name__)
         return layers.constrain_batch(x)
 
     def __call__(

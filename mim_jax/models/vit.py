@@ -284,10 +284,7 @@ class VisionTransformer(nnx.Module):
         """Patch embedding with mask-token replacement: `[batch, H/p, W/p, C]`."""
         x = self.patch_embed(images)
         if mask is not None:
-            if self.mask_token is None:
-                raise ValueError("VisionTransformer got a mask but was built without a mask token")
-            w = mask[..., None].astype(x.dtype)
-            x = x * (1 - w) + self.mask_token[...].astype(x.dtype) * w
+            x = layers.replace_masked(x, mask, self.mask_token, type(self).__name__)
         return layers.constrain_batch(x)
 
     def tokens(

@@ -1,0 +1,324 @@
+"""GreenMIM group window attention plans (SPEC 2.3 and SPEC 0 "group plans with static shapes").
+
+Host-side numpy only. A batch-wise mask (one per mask group) fixes the visible tokens of every
+Swin stage. For each stage and shift parity, `stage_plan` packs the non-empty windows of those
+tokens into `G` groups of `g` slots with repeated max-fill 0/1 knapsacks and returns
+static-shape index arrays that enter the jitted step as data.
+
+How the model uses a plan (the visible tokens `x` are `[batch, N_vis, C]` in raster order):
+- per-token layers (LayerNorm, qkv, proj, MLP) stay on the flat sequence;
+- gather q, k, v into groups: `q[:, gather].reshape(batch, G, g, heads, d)`;
+- attention logits get `table[rel_index]` (the Swin bias table of the effective window) plus an
+  additive `where(attn_mask, 0, MASK_VALUE)` with a large *finite* negative value in float32
+  (`layers.MASK_VALUE`), never -inf: pad rows have no True entry, so their softmax is uniform
+  but finite; pad outputs are never read back, so they get no gradient;
+- scatter back: `out.reshape(batch, G * g, C)[:, slot_of_token]`.
+In 'masking' mode (`G = 1`, `g = N_vis`) gather and slot_of_token are the identity, so the
+model may skip both. Pads gather token 0 (a dummy) and are False in `valid` and `attn_mask`.
+
+Windows follow the official `_get_group_id`: `floor((c + (w - shift) % w) / w)` per axis on the
+original stage coordinates, with no cyclic roll. For shift s > 0 the first window row/column is
+`[0, s)`, then `[s, s + w)`, ...: exactly Swin's rolled windows split by its region mask.
+
+Tie-break of the knapsack (official `knapsack` backtracking, LayneH/GreenMIM
+`modeling/group_window_attention.py`): among all window subsets of maximal total, the official
+backtracking walks the items from the last to the first and skips an item whenever the
+remaining total is still reachable with earlier items alone. It therefore picks the
+colexicographically smallest subset: the smallest largest index, then the smallest second
+largest, and so on (not the lexicographically smallest: for counts (1, 2, 2, 3) and capacity 4
+it picks windows {1, 2}, not {0, 3}). `max_fill_packing` reproduces this exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+GROUPING = "grouping"
+MASKING = "masking"
+
+
+@dataclasses.dataclass(frozen=True)
+class StagePlanSpec:
+    """Static shape of the plans of one (stage, shift parity), fixed by the config."""
+
+    resolution: int  # Stage grid side.
+    window: int  # Effective window (models.swin.stage_window semantics).
+    shift: int  # 0 or window // 2 (0 when resolution <= window).
+    num_visible: int  # Visible tokens at this stage (a config constant).
+    group_size: int  # g slots per group; num_visible in 'masking' mode.
+    num_groups: int  # G groups; 1 in 'masking' mode.
+    mode: str  # GROUPING or MASKING (masking iff num_visible <= 2 * window**2).
+
+
+@dataclasses.dataclass
+class StagePlan:
+    """Static-shape arrays for one (stage, shift parity) and one mask (slots = G * g)."""
+
+    gather: np.ndarray  # int32 [G * g]: token index held by each slot (pads: token 0).
+    slot_of_token: np.ndarray  # int32 [N_vis]: the slot of each visible token.
+    valid: np.ndarray  # bool [G * g]: real token (True) or pad.
+    attn_mask: np.ndarray  # bool [G, g, g]: True = may attend (same window, both real).
+    rel_index: np.ndarray  # int32 [G, g, g]: bias-table index; 0 where attn_mask is False.
+    num_groups_used: int  # Groups holding real tokens (the first ones); the rest are pads.
+
+
+class PlanOverflow(Exception):  # noqa: N818 (the public name the callers use)
+    """A mask whose packing does not fit the static plan shape."""
+
+
+def _per_stage(value: int | Sequence[int | None] | None, num_stages: int, name: str) -> list:
+    """Broadcasts an int (or None) to every stage, or checks a per-stage sequence."""
+    if value is None or isinstance(value, int):
+        return [value] * num_stages
+    values = list(value)
+    if len(values) != num_stages:
+        raise ValueError(f"{name} needs one entry per stage ({num_stages}), got {values}")
+    return values
+
+
+def plan_specs(
+    *,
+    img_size: int,
+    patch_size: int,
+    depths: Sequence[int],
+    window_size: int,
+    mask_unit: int,
+    mask_ratio: float,
+    group_size: int | Sequence[int | None] | None = None,
+    num_groups: int | Sequence[int | None] | None = None,
+) -> list[list[StagePlanSpec]]:
+    """Per stage, `[unshifted]` or `[unshifted, shifted]` plan specs.
+
+    The shifted entry exists when the stage has a shifted block: depth >= 2 and a stage grid
+    larger than the window. `group_size` / `num_groups` (an int for every stage, or one entry
+    per stage, None = default) apply to 'grouping' stages only. Defaults: `g = window**2` and
+    `G = ceil(2 * N_vis / g)`, the max-fill bound (every group but the last is more than half
+    full), so no mask ever overflows as long as every window fits in g.
+    """
+    num_stages = len(depths)
+    final_patch = patch_size * 2 ** (num_stages - 1)
+    if img_size % mask_unit or mask_unit % final_patch:
+        raise ValueError(
+            f"mask_unit={mask_unit} must divide img_size={img_size} and be a multiple of the "
+            f"final-stage patch {final_patch} (SPEC 2.2)"
+        )
+    if not 0 < mask_ratio < 1:
+        raise ValueError(f"mask_ratio={mask_ratio} must be in (0, 1)")
+    len_keep = int((img_size // mask_unit) ** 2 * (1 - mask_ratio))  # As masking.batchwise_keep.
+    if len_keep < 1:
+        raise ValueError(f"mask_ratio={mask_ratio} keeps no mask unit")
+    sizes = _per_stage(group_size, num_stages, "group_size")
+    counts = _per_stage(num_groups, num_stages, "num_groups")
+    specs = []
+    for stage, depth in enumerate(depths):
+        stride = patch_size * 2**stage
+        resolution = img_size // stride
+        num_visible = len_keep * (mask_unit // stride) ** 2
+        window = min(resolution, window_size)
+        shifts = [0]
+        if depth >= 2 and resolution > window_size and window_size // 2 > 0:
+            shifts.append(window_size // 2)
+        if num_visible <= 2 * window**2:
+            mode, g, num = MASKING, num_visible, 1
+        else:
+            g = sizes[stage] or window**2
+            mode, num = GROUPING, counts[stage] or math.ceil(2 * num_visible / g)
+        if g < 1 or num < 1:
+            raise ValueError(f"stage {stage}: group_size={g} and num_groups={num} must be >= 1")
+        specs.append(
+            [
+                StagePlanSpec(resolution, window, shift, num_visible, g, num, mode)
+                for shift in shifts
+            ]
+        )
+    return specs
+
+
+def window_ids(coords: np.ndarray, window: int, shift: int) -> np.ndarray:
+    """int64 `[N]` window id of each `(row, col)` in `coords [N, 2]` (SPEC 2.3 step A).
+
+    Per axis `floor((c + (window - shift) % window) / window)`, no roll; the id is the raster
+    index of that (row, col) window pair over the occupied window columns, so ids sort in
+    raster window order and are comparable within one call.
+    """
+    wid = (np.asarray(coords, np.int64) + (window - shift) % window) // window
+    return wid[:, 0] * (wid[:, 1].max(initial=0) + 1) + wid[:, 1]
+
+
+def max_fill_packing(counts: np.ndarray, capacity: int) -> list[np.ndarray]:
+    """Greedy sequence of 0/1 knapsacks (SPEC 2.3 step C.3), weight = value = count.
+
+    Each pass takes the subset of the remaining windows with the largest total <= capacity;
+    among equal totals the colexicographically smallest one, as the official backtracking
+    does (module docstring). Returns, per group in packing order, the increasing indices into
+    `counts`. Subset sums are Python-int bitsets: bit t of `reach[j]` says the first j
+    remaining windows can make exactly t. Removing a group leaves the prefixes before its
+    first window valid, so the next pass extends only from there.
+    """
+    sizes = [int(c) for c in np.asarray(counts).reshape(-1)]
+    if any(not 0 < c <= capacity for c in sizes):
+        raise ValueError(f"counts must lie in [1, capacity={capacity}], got {sizes}")
+    full = (1 << (capacity + 1)) - 1
+    remaining = list(range(len(sizes)))
+    reach = [1]
+    groups = []
+    while remaining:
+        for index in remaining[len(reach) - 1 :]:
+            reach.append((reach[-1] | (reach[-1] << sizes[index])) & full)
+        target = reach[-1].bit_length() - 1
+        taken = []
+        for j in range(len(remaining) - 1, -1, -1):
+            if not target:
+                break
+            if not (reach[j] >> target) & 1:  # Not reachable without window j: take it.
+                taken.append(j)
+                target -= sizes[remaining[j]]
+        taken.reverse()
+        groups.append(np.array([remaining[j] for j in taken], np.int64))
+        del reach[taken[0] + 1 :]
+        chosen = set(taken)
+        remaining = [index for j, index in enumerate(remaining) if j not in chosen]
+    return groups
+
+
+def _windows(wid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens sorted by window id (stable: raster order inside a window) and window counts."""
+    order = np.argsort(wid, kind="stable")
+    starts = np.flatnonzero(np.diff(wid[order], prepend=-1))  # Ids are >= 0.
+    return order, np.diff(starts, append=len(wid))
+
+
+def _assign_slots(wid: np.ndarray, spec: StagePlanSpec) -> tuple[np.ndarray, int]:
+    """Slot of each token (window ids `wid`) in 'grouping' mode, and the number of groups used."""
+    order, counts = _windows(wid)
+    if counts.max() > spec.group_size:
+        raise PlanOverflow(
+            f"a window holds {counts.max()} visible tokens > group_size={spec.group_size}"
+        )
+    groups = max_fill_packing(counts, spec.group_size)
+    if len(groups) > spec.num_groups:
+        raise PlanOverflow(
+            f"stage {spec.resolution}x{spec.resolution} shift {spec.shift}: packing needs "
+            f"{len(groups)} groups > num_groups={spec.num_groups}"
+        )
+    # Windows in slot order; the first slot of a window is its group's first slot plus the
+    # tokens of the earlier windows of that group.
+    lengths = [len(members) for members in groups]
+    packed = np.concatenate(groups)
+    group_of = np.repeat(np.arange(len(groups)), lengths)
+    before = np.cumsum(counts[packed]) - counts[packed]
+    group_base = before[np.cumsum(lengths) - lengths]
+    first_slot = np.empty(len(counts), np.int64)
+    first_slot[packed] = group_of * spec.group_size + before - group_base[group_of]
+    window_of = np.repeat(np.arange(len(counts)), counts)  # Window of each sorted token.
+    rank = np.arange(len(order)) - (np.cumsum(counts) - counts)[window_of]
+    slot_of_token = np.empty(len(order), np.int64)
+    slot_of_token[order] = first_slot[window_of] + rank
+    return slot_of_token, len(groups)
+
+
+def stage_plan(coords: np.ndarray, spec: StagePlanSpec) -> StagePlan:
+    """The plan of one (stage, parity) for visible-token `coords [N_vis, 2]` in raster order.
+
+    Raises PlanOverflow if a window holds more than g tokens or the packing needs more than G
+    groups (never with the default g and G).
+    """
+    coords = np.asarray(coords, np.int32)
+    n = spec.num_visible
+    if coords.shape != (n, 2):
+        raise ValueError(f"coords must be [{n}, 2] for {spec}, got {coords.shape}")
+    g, w = spec.group_size, spec.window
+    wid = window_ids(coords, w, spec.shift)
+    if spec.mode == MASKING:
+        slot_of_token, used = np.arange(n), 1
+    else:
+        slot_of_token, used = _assign_slots(wid, spec)
+    slots = spec.num_groups * g
+    gather = np.zeros(slots, np.int32)
+    gather[slot_of_token] = np.arange(n)
+    valid = np.zeros(slots, bool)
+    valid[slot_of_token] = True
+    slot_window = np.full(slots, -1, np.int32)
+    slot_window[slot_of_token] = wid
+    slot_window = slot_window.reshape(-1, g)
+    attn_mask = (slot_window[:, :, None] == slot_window[:, None, :]) & valid.reshape(-1, g, 1)
+    # (dy + w - 1) * (2w - 1) + (dx + w - 1) = linear_i - linear_j + offset.
+    linear = (coords[:, 0] * (2 * w - 1) + coords[:, 1])[gather].reshape(-1, g)
+    rel_index = (linear + (w - 1) * 2 * w)[:, :, None] - linear[:, None, :]
+    np.multiply(rel_index, attn_mask, out=rel_index)
+    return StagePlan(
+        gather=gather,
+        slot_of_token=slot_of_token.astype(np.int32),
+        valid=valid,
+        attn_mask=attn_mask,
+        rel_index=rel_index,
+        num_groups_used=used,
+    )
+
+
+def visible_coords(unit_mask_keep: np.ndarray, unit_grid: int, stage_resolution: int) -> np.ndarray:
+    """int32 `[N_vis, 2]` raster-order `(row, col)` of the visible tokens of a stage.
+
+    `unit_mask_keep [unit_grid**2]` is 1 for a visible mask unit (`1 - mask` of
+    masking.batchwise_keep); each unit covers `(stage_resolution / unit_grid)**2` tokens.
+    """
+    if stage_resolution % unit_grid:
+        raise ValueError(f"unit_grid={unit_grid} must divide stage_resolution={stage_resolution}")
+    scale = stage_resolution // unit_grid
+    keep = np.asarray(unit_mask_keep).reshape(unit_grid, unit_grid).astype(bool)
+    grid = np.repeat(np.repeat(keep, scale, axis=0), scale, axis=1)
+    return np.argwhere(grid).astype(np.int32)
+
+
+def plan_mask(
+    keep_units: np.ndarray, specs: list[list[StagePlanSpec]], unit_grid: int
+) -> list[list[StagePlan]]:
+    """Plans of every stage and parity (shaped like `specs`) for one batch-wise keep mask."""
+    plans = []
+    for stage in specs:
+        coords = visible_coords(keep_units, unit_grid, stage[0].resolution)
+        plans.append([stage_plan(coords, spec) for spec in stage])
+    return plans
+
+
+def search_group_size(
+    masks: np.ndarray,
+    *,
+    resolution: int,
+    window: int,
+    shift: int,
+    num_visible: int,
+    channels: int,
+    candidates: Iterable[int],
+) -> dict[int, float]:
+    """The paper's group-size search: mean attention cost per candidate g (SPEC 2.3 note).
+
+    `masks [num_masks, unit_grid**2]` are unit keep masks (1 = visible). The cost of one mask
+    is `n_groups(g) * (4 g C**2 + 2 g**2 C)` with n_groups from `max_fill_packing`; it is
+    infinite when some window holds more than g tokens.
+    """
+    masks = np.asarray(masks)
+    unit_grid = math.isqrt(masks.shape[1])
+    if unit_grid**2 != masks.shape[1]:
+        raise ValueError(f"masks must be [num_masks, square unit count], got {masks.shape}")
+    window_counts = []
+    for keep in masks:
+        coords = visible_coords(keep, unit_grid, resolution)
+        if len(coords) != num_visible:
+            raise ValueError(f"a mask has {len(coords)} visible tokens, expected {num_visible}")
+        window_counts.append(_windows(window_ids(coords, window, shift))[1])
+    costs = {}
+    for g in candidates:
+        per_group = 4 * g * channels**2 + 2 * g**2 * channels
+        total = 0.0
+        for counts in window_counts:
+            if counts.max() > g:
+                total = math.inf
+                break
+            total += len(max_fill_packing(counts, g)) * per_group
+        costs[g] = total / len(masks)
+    return costs
