@@ -55,7 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.mean = IMAGENET_MEAN
     c.data.std = IMAGENET_STD
     c.data.num_workers = 8  # grain worker processes per host; 0 = in-process.
-    c.data.prefetch = 2  # Batches prefetched per worker.
+    c.data.prefetch = 2  # Per worker: batches prefetched and reader threads (0 = synchronous).
 
     c.optim = ml_collections.ConfigDict()
     c.optim.base_lr = 2e-4

@@ -32,6 +32,7 @@ it picks windows {1, 2}, not {0, 3}). `max_fill_packing` reproduces this exactly
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Iterable, Sequence
 
@@ -70,7 +71,9 @@ class PlanOverflow(Exception):  # noqa: N818 (the public name the callers use)
     """A mask whose packing does not fit the static plan shape."""
 
 
-def _per_stage(value: int | Sequence[int | None] | None, num_stages: int, name: str) -> list:
+def _per_stage(
+    value: int | Sequence[int | None] | None, num_stages: int, name: str
+) -> list[int | None]:
     """Broadcasts an int (or None) to every stage, or checks a per-stage sequence."""
     if value is None or isinstance(value, int):
         return [value] * num_stages
@@ -149,19 +152,13 @@ def window_ids(coords: np.ndarray, window: int, shift: int) -> np.ndarray:
     return wid[:, 0] * (wid[:, 1].max(initial=0) + 1) + wid[:, 1]
 
 
-def max_fill_packing(counts: np.ndarray, capacity: int) -> list[np.ndarray]:
-    """Greedy sequence of 0/1 knapsacks (SPEC 2.3 step C.3), weight = value = count.
+def _pack(sizes: list[int], capacity: int) -> list[list[int]]:
+    """`max_fill_packing` on Python lists (sizes already checked to lie in [1, capacity]).
 
-    Each pass takes the subset of the remaining windows with the largest total <= capacity;
-    among equal totals the colexicographically smallest one, as the official backtracking
-    does (module docstring). Returns, per group in packing order, the increasing indices into
-    `counts`. Subset sums are Python-int bitsets: bit t of `reach[j]` says the first j
-    remaining windows can make exactly t. Removing a group leaves the prefixes before its
-    first window valid, so the next pass extends only from there.
+    Subset sums are Python-int bitsets: bit t of `reach[j]` says that the first j remaining
+    windows can make exactly t. Removing a group leaves the prefixes before its first window
+    valid, so the next pass extends `reach` only from there.
     """
-    sizes = [int(c) for c in np.asarray(counts).reshape(-1)]
-    if any(not 0 < c <= capacity for c in sizes):
-        raise ValueError(f"counts must lie in [1, capacity={capacity}], got {sizes}")
     full = (1 << (capacity + 1)) - 1
     remaining = list(range(len(sizes)))
     reach = [1]
@@ -178,46 +175,65 @@ def max_fill_packing(counts: np.ndarray, capacity: int) -> list[np.ndarray]:
                 taken.append(j)
                 target -= sizes[remaining[j]]
         taken.reverse()
-        groups.append(np.array([remaining[j] for j in taken], np.int64))
+        groups.append([remaining[j] for j in taken])
         del reach[taken[0] + 1 :]
         chosen = set(taken)
         remaining = [index for j, index in enumerate(remaining) if j not in chosen]
     return groups
 
 
-def _windows(wid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Tokens sorted by window id (stable: raster order inside a window) and window counts."""
+def max_fill_packing(counts: np.ndarray, capacity: int) -> list[np.ndarray]:
+    """Greedy sequence of 0/1 knapsacks (SPEC 2.3 step C.3), weight = value = count.
+
+    Each pass takes the subset of the remaining windows with the largest total <= capacity;
+    among equal totals the colexicographically smallest one, as the official backtracking
+    does (module docstring). Returns, per group in packing order, the increasing indices into
+    `counts`.
+    """
+    sizes = [int(c) for c in np.asarray(counts).reshape(-1)]
+    if any(not 0 < c <= capacity for c in sizes):
+        raise ValueError(f"counts must lie in [1, capacity={capacity}], got {sizes}")
+    return [np.array(group, np.int64) for group in _pack(sizes, capacity)]
+
+
+def _windows(wid: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Windows of the tokens, in window-id order.
+
+    Returns the tokens sorted by window id (stable: raster order inside a window), the window
+    index of each sorted token, and the token count of each window.
+    """
     order = np.argsort(wid, kind="stable")
-    starts = np.flatnonzero(np.diff(wid[order], prepend=-1))  # Ids are >= 0.
-    return order, np.diff(starts, append=len(wid))
+    sorted_wid = wid[order]
+    first = np.empty(len(wid), bool)
+    first[0] = True
+    np.not_equal(sorted_wid[1:], sorted_wid[:-1], out=first[1:])
+    window_of = np.cumsum(first) - 1
+    return order, window_of, np.bincount(window_of).tolist()
 
 
 def _assign_slots(wid: np.ndarray, spec: StagePlanSpec) -> tuple[np.ndarray, int]:
     """Slot of each token (window ids `wid`) in 'grouping' mode, and the number of groups used."""
-    order, counts = _windows(wid)
-    if counts.max() > spec.group_size:
-        raise PlanOverflow(
-            f"a window holds {counts.max()} visible tokens > group_size={spec.group_size}"
-        )
-    groups = max_fill_packing(counts, spec.group_size)
+    order, window_of, counts = _windows(wid)
+    g = spec.group_size
+    if max(counts) > g:
+        raise PlanOverflow(f"a window holds {max(counts)} visible tokens > group_size={g}")
+    groups = _pack(counts, g)
     if len(groups) > spec.num_groups:
         raise PlanOverflow(
             f"stage {spec.resolution}x{spec.resolution} shift {spec.shift}: packing needs "
             f"{len(groups)} groups > num_groups={spec.num_groups}"
         )
-    # Windows in slot order; the first slot of a window is its group's first slot plus the
-    # tokens of the earlier windows of that group.
-    lengths = [len(members) for members in groups]
-    packed = np.concatenate(groups)
-    group_of = np.repeat(np.arange(len(groups)), lengths)
-    before = np.cumsum(counts[packed]) - counts[packed]
-    group_base = before[np.cumsum(lengths) - lengths]
-    first_slot = np.empty(len(counts), np.int64)
-    first_slot[packed] = group_of * spec.group_size + before - group_base[group_of]
-    window_of = np.repeat(np.arange(len(counts)), counts)  # Window of each sorted token.
-    rank = np.arange(len(order)) - (np.cumsum(counts) - counts)[window_of]
+    # slot = (first slot of the token's window) + (rank in the window)
+    #      = (first slot - first sorted position of the window) + (sorted position).
+    starts = list(itertools.accumulate(counts, initial=0))
+    offset = [0] * len(counts)
+    for k, members in enumerate(groups):
+        slot = k * g
+        for window in members:
+            offset[window] = slot - starts[window]
+            slot += counts[window]
     slot_of_token = np.empty(len(order), np.int64)
-    slot_of_token[order] = first_slot[window_of] + rank
+    slot_of_token[order] = np.array(offset)[window_of] + np.arange(len(order))
     return slot_of_token, len(groups)
 
 
@@ -310,15 +326,15 @@ def search_group_size(
         coords = visible_coords(keep, unit_grid, resolution)
         if len(coords) != num_visible:
             raise ValueError(f"a mask has {len(coords)} visible tokens, expected {num_visible}")
-        window_counts.append(_windows(window_ids(coords, window, shift))[1])
+        window_counts.append(_windows(window_ids(coords, window, shift))[2])
     costs = {}
     for g in candidates:
         per_group = 4 * g * channels**2 + 2 * g**2 * channels
         total = 0.0
         for counts in window_counts:
-            if counts.max() > g:
+            if max(counts) > g:
                 total = math.inf
                 break
-            total += len(max_fill_packing(counts, g)) * per_group
+            total += len(_pack(counts, g)) * per_group
         costs[g] = total / len(masks)
     return costs
