@@ -15,6 +15,9 @@ How the model uses a plan (the visible tokens `x` are `[batch, N_vis, C]` in ras
 - scatter back: `out.reshape(batch, G * g, C)[:, slot_of_token]`.
 In 'masking' mode (`G = 1`, `g = N_vis`) gather and slot_of_token are the identity, so the
 model may skip both. Pads gather token 0 (a dummy) and are False in `valid` and `attn_mask`.
+Between stages, `merge_gather` gives the positions of the 2x2 sub-tokens of every visible
+coarse cell (sparse PatchMerging, SPEC 2.4); `models.green_swin.device_plans` turns the output
+of `plan_mask` (each plan keeps its `coords`) into the model's plan pytree.
 
 Windows follow the official `_get_group_id`: `floor((c + (w - shift) % w) / w)` per axis on the
 original stage coordinates, with no cyclic roll. For shift s > 0 the first window row/column is
@@ -65,6 +68,8 @@ class StagePlan:
     attn_mask: np.ndarray  # bool [G, g, g]: True = may attend (same window, both real).
     rel_index: np.ndarray  # int32 [G, g, g]: bias-table index; 0 where attn_mask is False.
     num_groups_used: int  # Groups holding real tokens (the first ones); the rest are pads.
+    coords: np.ndarray | None = None  # int32 [N_vis, 2]: raster-order (row, col) of the tokens.
+    resolution: int = 0  # Stage grid side (coords lie in [0, resolution)).
 
 
 class PlanOverflow(Exception):  # noqa: N818 (the public name the callers use)
@@ -273,7 +278,36 @@ def stage_plan(coords: np.ndarray, spec: StagePlanSpec) -> StagePlan:
         attn_mask=attn_mask,
         rel_index=rel_index,
         num_groups_used=used,
+        coords=coords,
+        resolution=spec.resolution,
     )
+
+
+def visible_index(coords: np.ndarray, resolution: int) -> np.ndarray:
+    """int32 `[N_vis]` raster index `row * resolution + col` of each visible token."""
+    coords = np.asarray(coords, np.int64)
+    return (coords[:, 0] * resolution + coords[:, 1]).astype(np.int32)
+
+
+def merge_gather(
+    fine_coords: np.ndarray, fine_resolution: int, coarse_coords: np.ndarray
+) -> np.ndarray:
+    """int32 `[N_coarse, 4]` sparse PatchMerging gather (SPEC 2.4).
+
+    For each visible coarse cell (raster order, `coarse_coords`), the positions in the
+    raster-ordered fine visible tokens (`fine_coords`) of its 2x2 sub-tokens in Swin's
+    concatenation order x0 = (0, 0), x1 = (1, 0), x2 = (0, 1), x3 = (1, 1) as (row, col)
+    offsets. Raises ValueError if a sub-token is not visible (mask unit not aligned).
+    """
+    lookup = np.full((fine_resolution, fine_resolution), -1, np.int64)
+    fine = np.asarray(fine_coords, np.int64)
+    lookup[fine[:, 0], fine[:, 1]] = np.arange(len(fine))
+    offsets = np.array([(0, 0), (1, 0), (0, 1), (1, 1)], np.int64)
+    sub = 2 * np.asarray(coarse_coords, np.int64)[:, None, :] + offsets  # [N_coarse, 4, 2]
+    index = lookup[sub[..., 0], sub[..., 1]]
+    if (index < 0).any():
+        raise ValueError("a visible coarse cell has a masked sub-token (SPEC 2.2 alignment)")
+    return index.astype(np.int32)
 
 
 def visible_coords(unit_mask_keep: np.ndarray, unit_grid: int, stage_resolution: int) -> np.ndarray:
