@@ -93,6 +93,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.async_checkpointing = True
     c.image_every_steps = 1000  # Reconstruction grid to TensorBoard and workdir.
     c.num_images = 8
+    c.profile_steps = 0  # > 0: a jax profiler trace of this many steps (from step 10) in workdir.
     return c
 
 
@@ -203,6 +204,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
         c.checkpoint_every_steps > 0 and c.log_every_steps > 0 and c.image_every_steps > 0,
         "config.*_every_steps must be > 0",
     )
+    _check(c.profile_steps >= 0, f"config.profile_steps={c.profile_steps} must be >= 0")
     m = c.model
     _check(
         m.img_size % c.mask.patch_size == 0,

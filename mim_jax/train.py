@@ -248,6 +248,7 @@ def _loop(
             state, metrics = s.train_step(state, batch)
             done = step + 1
             pending.append((done, metrics))
+            writer.step_done(done)
             is_last = done == s.total_steps
             preempted = ckpt.reached_preemption(done)
             if done % config.log_every_steps == 0 or is_last or preempted:

@@ -11,7 +11,7 @@ import time
 import jax
 import ml_collections
 import numpy as np
-from clu import metric_writers, parameter_overview
+from clu import metric_writers, parameter_overview, periodic_actions
 from etils import epath
 from flax import nnx
 from PIL import Image
@@ -52,6 +52,25 @@ class Writer:
         )
         self._last_time = time.perf_counter()
         self._last_step: int | None = None
+        self.hooks: list[periodic_actions.PeriodicAction] = [
+            periodic_actions.ReportProgress(
+                num_train_steps=total_steps,
+                writer=self.writer,
+                every_steps=config.log_every_steps,
+                every_secs=None,
+            )
+        ]
+        if self.is_chief and config.profile_steps > 0:
+            self.hooks.append(
+                periodic_actions.Profile(
+                    logdir=workdir, num_profile_steps=config.profile_steps, every_secs=None
+                )
+            )
+
+    def step_done(self, step: int) -> None:
+        """Runs the CLU periodic actions (progress/ETA notes, optional profiler trace)."""
+        for hook in self.hooks:
+            hook(step)
 
     def write_config(self, config: ml_collections.ConfigDict) -> None:
         """Records the config as TensorBoard hparams and as workdir/config.json."""
@@ -75,7 +94,6 @@ class Writer:
         if self._last_step is not None:
             dt = max(now - self._last_time, 1e-9)
             steps_per_s = (step - self._last_step) / dt
-            means["steps_per_sec"] = steps_per_s
             means["img_per_sec"] = steps_per_s * self.config.batch_size
             means["img_per_sec_per_device"] = means["img_per_sec"] / jax.device_count()
             eta = (self.total_steps - step) / max(steps_per_s, 1e-9)

@@ -17,9 +17,12 @@ def load_config(file: str, arg: str = "") -> ml_collections.ConfigDict:
 
 
 def tiny_simmim_config(**overrides) -> ml_collections.ConfigDict:
-    """A 2-stage Swin on 32 px bundled crops; every sharded dim divides 8."""
+    """A 2-stage Swin (8x8 then 4x4 tokens, window 4: one shifted stage) on 32 px bundled crops;
+    every sharded dimension divides 8."""
     c = load_config("simmim", "quickstart")
-    c.model.update(img_size=32, embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=4)
+    c.model.update(
+        img_size=32, patch_size=4, embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=4
+    )
     c.mask.patch_size = 16
     c.batch_size = 16
     c.total_steps = 4
@@ -31,10 +34,5 @@ def tiny_simmim_config(**overrides) -> ml_collections.ConfigDict:
     c.image_every_steps = 1000
     c.checkpoint_every_steps = 1000
     c.num_images = 2
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for name in parents:
-            node = node[name]
-        node[leaf] = value
+    c.update_from_flattened_dict(overrides)
     return c
