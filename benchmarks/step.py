@@ -36,7 +36,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
 import statistics
 import sys
 import time
@@ -52,9 +51,9 @@ import numpy as np
 from absl import app, flags
 from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
+from probe import cost_analysis, host_info, memory_analysis, synthetic_batch
 
 from mim_jax import config_lib, sharding, train
-from mim_jax.methods import get_method
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -91,39 +90,6 @@ def model_name(model: ml_collections.ConfigDict) -> str:
         return f"{model.name}_{size}"
     spelled = "-".join(map(str, depths)) if isinstance(depths, tuple) else str(depths)
     return f"{model.name}_e{model.embed_dim}_d{spelled}"
-
-
-def synthetic_batch(config: ml_collections.ConfigDict, local_batch: int) -> dict[str, np.ndarray]:
-    """Host-local batch shaped like the pipeline's, with the method's host-side fields added."""
-    rng = np.random.default_rng(config.seed)
-    size, chans = config.model.img_size, config.model.in_chans
-    start = jax.process_index() * local_batch
-    batch = {
-        "image": rng.standard_normal((local_batch, size, size, chans), dtype=np.float32),
-        "label": np.zeros((local_batch,), np.int32),
-        "index": np.arange(start, start + local_batch, dtype=np.int64),
-    }
-    batch = get_method(config.method).make_batch_transform(config)(batch, 0)
-    # As in the train loop: host-side bookkeeping (e.g. the int64 'index') stays on the host.
-    return {k: v for k, v in batch.items() if k not in train.HOST_ONLY_KEYS}
-
-
-def cost_analysis(compiled) -> dict[str, float]:
-    """The executable's cost dict (older jax versions return a one-element list)."""
-    costs = compiled.cost_analysis()
-    if isinstance(costs, list | tuple):
-        costs = costs[0] if costs else {}
-    return dict(costs or {})
-
-
-def memory_analysis(compiled) -> dict[str, int | None]:
-    """Per-device buffer sizes of the executable; None where the backend does not say."""
-    try:
-        stats = compiled.memory_analysis()
-    except (NotImplementedError, RuntimeError):  # Some backends do not implement it.
-        stats = None
-    fields = ("temp", "argument", "output", "alias")
-    return {f"{f}_bytes": getattr(stats, f"{f}_size_in_bytes", None) for f in fields}
 
 
 def matmul_roofline(mesh: jax.sharding.Mesh, dtype) -> dict[str, float]:
@@ -166,16 +132,6 @@ def matmul_roofline(mesh: jax.sharding.Mesh, dtype) -> dict[str, float]:
     }
 
 
-def host_info() -> dict[str, object]:
-    """CPU model and count of this host."""
-    cpu = platform.processor()
-    if not cpu and os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu = names[0] if names else ""
-    return {"cpu": cpu or platform.machine(), "cpus": os.cpu_count()}
-
-
 def benchmark(config: ml_collections.ConfigDict, variant: str) -> dict[str, object]:
     """Compiles and times the train step of `config`; returns the JSON record."""
     config_lib.validate(config)
@@ -183,7 +139,7 @@ def benchmark(config: ml_collections.ConfigDict, variant: str) -> dict[str, obje
     sharding.log_mesh(mesh)
     num_devices = mesh.devices.size
     local_batch = config.batch_size // jax.process_count()
-    host_batch = synthetic_batch(config, local_batch)
+    host_batch = synthetic_batch(config, local_batch, mesh)
 
     start = time.perf_counter()
     s = train.setup(config, mesh, FLAGS.num_examples)
@@ -193,7 +149,7 @@ def benchmark(config: ml_collections.ConfigDict, variant: str) -> dict[str, obje
     logging.info("%s: %.1fM parameters, init %.1f s", variant, num_params / 1e6, init_s)
 
     with jax.set_mesh(mesh):
-        batch = sharding.global_batch(host_batch, mesh)
+        batch = s.place_batch(host_batch)
         start = time.perf_counter()
         compiled = s.train_step.lower(state, batch).compile()
         compile_s = time.perf_counter() - start

@@ -63,7 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.min_lr = 1e-5
     c.optim.lr_batch_base = 512  # lr = base_lr * batch_size / lr_batch_base (also warmup/min).
     c.optim.warmup_epochs = 10.0
-    c.optim.schedule = "cosine"  # cosine | multistep
+    c.optim.schedule = "cosine"  # cosine | multistep (timm/SimMIM) | half_cosine (MAE)
     c.optim.decay_epochs = (700,)  # multistep milestones.
     c.optim.decay_rate = 0.1
     c.optim.b1 = 0.9
@@ -183,8 +183,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
         f"config.data.interpolation='{c.data.interpolation}' must be bilinear or bicubic",
     )
     _check(
-        c.optim.schedule in ("cosine", "multistep"),
-        f"config.optim.schedule='{c.optim.schedule}' must be cosine or multistep",
+        c.optim.schedule in ("cosine", "multistep", "half_cosine"),
+        f"config.optim.schedule='{c.optim.schedule}' must be cosine, multistep or half_cosine",
     )
     _check(c.optim.base_lr > 0, f"config.optim.base_lr={c.optim.base_lr} must be > 0")
     _check(c.optim.grad_clip >= 0, f"config.optim.grad_clip={c.optim.grad_clip} must be >= 0")
@@ -240,10 +240,57 @@ def validate(c: ml_collections.ConfigDict) -> None:
                 dim % heads == 0,
                 f"config.model.num_heads[{stage}]={heads} does not divide the stage width {dim}",
             )
+        if c.method == "greenmim":
+            final_patch = m.patch_size * 2 ** (len(m.depths) - 1)
+            _check(
+                c.mask.patch_size % final_patch == 0,
+                f"config.mask.patch_size={c.mask.patch_size} must be a multiple of the "
+                f"final-stage patch {final_patch} (GreenMIM masks whole stage-4 tokens)",
+            )
+            _check(c.mask.groups >= 0, f"config.mask.groups={c.mask.groups} must be >= 0")
     elif m.name == "vit":
         _check(
             m.img_size % m.patch_size == 0,
             f"config.model.img_size={m.img_size} must be divisible by patch_size={m.patch_size}",
         )
+    elif m.name == "itpn":
+        _check(
+            m.patch_size % 4 == 0 and c.mask.patch_size == m.patch_size,
+            f"config.model.patch_size={m.patch_size} must be a multiple of 4 (HiViT's 4x4 inner "
+            f"tokens) and equal config.mask.patch_size={c.mask.patch_size} (iTPN masks main "
+            "patches)",
+        )
+        _check(
+            m.embed_dim % 4 == 0 and m.embed_dim % m.num_heads == 0,
+            f"config.model.embed_dim={m.embed_dim} must divide by 4 and by num_heads={m.num_heads}",
+        )
+        d = c.decoder
+        _check(
+            d.embed_dim % 16 == 0 and d.embed_dim % d.num_heads == 0,
+            f"config.decoder.embed_dim={d.embed_dim} must divide by 16 (4x4 P4 tokens) and by "
+            f"num_heads={d.num_heads}",
+        )
+        f = c.mfm
+        for key, value, allowed in (
+            ("teacher", f.teacher, ("none", "ema", "clip")),
+            ("loss", f.loss, ("mse", "smooth_l1")),
+            ("momentum_schedule", f.momentum_schedule, ("cosine", "constant")),
+        ):
+            _check(
+                value in allowed, f"config.mfm.{key}='{value}' must be one of {', '.join(allowed)}"
+            )
+        _check(0 <= f.momentum <= 1, f"config.mfm.momentum={f.momentum} must be in [0, 1]")
+        _check(
+            len(f.weights) == 3 and min(f.weights) >= 0 and min(f.pixel_weight, f.clip_weight) >= 0,
+            f"config.mfm.weights={tuple(f.weights)} must be 3 values >= 0 (one per stage); "
+            "pixel_weight and clip_weight >= 0",
+        )
+        if f.teacher == "clip":
+            _check(
+                f.clip.img_size // f.clip.patch_size == m.img_size // m.patch_size,
+                f"config.mfm.clip: a {f.clip.img_size} px image in {f.clip.patch_size} px patches "
+                f"must give the student's {m.img_size // m.patch_size}x"
+                f"{m.img_size // m.patch_size} patch grid",
+            )
     else:
-        _check(False, f"config.model.name='{m.name}' must be swin or vit")
+        _check(False, f"config.model.name='{m.name}' must be swin, vit or itpn")

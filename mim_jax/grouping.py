@@ -3,7 +3,7 @@
 Host-side numpy only. A batch-wise mask (one per mask group) fixes the visible tokens of every
 Swin stage. For each stage and shift parity, `stage_plan` packs the non-empty windows of those
 tokens into `G` groups of `g` slots with repeated max-fill 0/1 knapsacks and returns
-static-shape index arrays that enter the jitted step as data.
+static-shape per-slot index vectors that enter the jitted step as data.
 
 How the model uses a plan (the visible tokens `x` are `[batch, N_vis, C]` in raster order):
 - per-token layers (LayerNorm, qkv, proj, MLP) stay on the flat sequence;
@@ -11,10 +11,12 @@ How the model uses a plan (the visible tokens `x` are `[batch, N_vis, C]` in ras
 - attention logits get `table[rel_index]` (the Swin bias table of the effective window) plus an
   additive `where(attn_mask, 0, MASK_VALUE)` with a large *finite* negative value in float32
   (`layers.MASK_VALUE`), never -inf: pad rows have no True entry, so their softmax is uniform
-  but finite; pad outputs are never read back, so they get no gradient;
+  but finite; pad outputs are never read back, so they get no gradient. Both `[G, g, g]`
+  arrays are built on the device from `slot_window` / `slot_pos` (`group_attention_mask`,
+  `group_relative_index`), which keeps host planning and host-to-device traffic small;
 - scatter back: `out.reshape(batch, G * g, C)[:, slot_of_token]`.
-In 'masking' mode (`G = 1`, `g = N_vis`) gather and slot_of_token are the identity, so the
-model may skip both. Pads gather token 0 (a dummy) and are False in `valid` and `attn_mask`.
+In 'masking' mode (`G = 1`, `g = N_vis`) gather and slot_of_token are the identity. Pads
+gather token 0 (a dummy), have window id -1 and are False in `valid` and `attn_mask`.
 Between stages, `merge_gather` gives the positions of the 2x2 sub-tokens of every visible
 coarse cell (sparse PatchMerging, SPEC 2.4); `models.green_swin.device_plans` turns the output
 of `plan_mask` (each plan keeps its `coords`) into the model's plan pytree.
@@ -60,16 +62,58 @@ class StagePlanSpec:
 
 @dataclasses.dataclass
 class StagePlan:
-    """Static-shape arrays for one (stage, shift parity) and one mask (slots = G * g)."""
+    """Static-shape arrays for one (stage, shift parity) and one mask (slots S = G * g).
 
-    gather: np.ndarray  # int32 [G * g]: token index held by each slot (pads: token 0).
+    Only per-slot vectors are stored: the `[G, g, g]` attention mask and relative-position
+    index follow from `slot_window` and `slot_pos` (`group_attention_mask`,
+    `group_relative_index`); the model builds them on the device, so a plan is a few KB.
+    """
+
+    gather: np.ndarray  # int32 [S]: token index held by each slot (pads: token 0).
     slot_of_token: np.ndarray  # int32 [N_vis]: the slot of each visible token.
-    valid: np.ndarray  # bool [G * g]: real token (True) or pad.
-    attn_mask: np.ndarray  # bool [G, g, g]: True = may attend (same window, both real).
-    rel_index: np.ndarray  # int32 [G, g, g]: bias-table index; 0 where attn_mask is False.
+    slot_window: np.ndarray  # int32 [S]: window id of the slot's token; -1 for pads.
+    slot_pos: np.ndarray  # int32 [S]: `row * (2w - 1) + col` of the slot's token (pads: 0's).
     num_groups_used: int  # Groups holding real tokens (the first ones); the rest are pads.
+    group_size: int  # g.
+    window: int  # Effective window w (the bias table is (2w - 1)**2).
     coords: np.ndarray | None = None  # int32 [N_vis, 2]: raster-order (row, col) of the tokens.
     resolution: int = 0  # Stage grid side (coords lie in [0, resolution)).
+
+    @property
+    def valid(self) -> np.ndarray:
+        """bool [S]: real token (True) or pad."""
+        return self.slot_window >= 0
+
+    @property
+    def attn_mask(self) -> np.ndarray:
+        """bool [G, g, g]: True = may attend (same window, both real)."""
+        return group_attention_mask(self.slot_window.reshape(-1, self.group_size))
+
+    @property
+    def rel_index(self) -> np.ndarray:
+        """int32 [G, g, g]: bias-table index; 0 where attn_mask is False."""
+        pos = self.slot_pos.reshape(-1, self.group_size)
+        return group_relative_index(pos, self.attn_mask, self.window)
+
+
+def group_attention_mask(slot_window):
+    """`[..., G, g]` slot window ids (-1 = pad) -> bool `[..., G, g, g]` same-window mask.
+
+    Works on numpy and jax arrays: the model calls it inside the jitted step.
+    """
+    win = slot_window
+    return (win[..., :, None] == win[..., None, :]) & (win[..., :, None] >= 0)
+
+
+def group_relative_index(slot_pos, attn_mask, window: int, xp=np):
+    """`[..., G, g]` slot positions and `[..., G, g, g]` mask -> int32 Swin bias-table index.
+
+    `(dy + w - 1) * (2w - 1) + (dx + w - 1)` = `pos_i - pos_j + (w - 1) * 2w` with
+    `pos = row * (2w - 1) + col`; 0 where the mask is False.
+    """
+    pos = slot_pos.astype(xp.int32)
+    rel = pos[..., :, None] + (window - 1) * 2 * window - pos[..., None, :]
+    return xp.where(attn_mask, rel, 0).astype(xp.int32)
 
 
 class PlanOverflow(Exception):  # noqa: N818 (the public name the callers use)
@@ -147,43 +191,54 @@ def plan_specs(
 
 
 def window_ids(coords: np.ndarray, window: int, shift: int) -> np.ndarray:
-    """int64 `[N]` window id of each `(row, col)` in `coords [N, 2]` (SPEC 2.3 step A).
+    """int32 `[N]` window id of each `(row, col)` in `coords [N, 2]` (SPEC 2.3 step A).
 
     Per axis `floor((c + (window - shift) % window) / window)`, no roll; the id is the raster
-    index of that (row, col) window pair over the occupied window columns, so ids sort in
-    raster window order and are comparable within one call.
+    index of that (row, col) window pair on a grid of `max(col) // window + 2` window columns
+    (enough for any shift), so ids sort in raster window order and are comparable within one
+    call.
     """
-    wid = (np.asarray(coords, np.int64) + (window - shift) % window) // window
-    return wid[:, 0] * (wid[:, 1].max(initial=0) + 1) + wid[:, 1]
+    coords = np.asarray(coords, np.int32)
+    wid = (coords + (window - shift) % window) // window
+    return wid[:, 0] * (int(coords[:, 1].max(initial=0)) // window + 2) + wid[:, 1]
 
 
 def _pack(sizes: list[int], capacity: int) -> list[list[int]]:
     """`max_fill_packing` on Python lists (sizes already checked to lie in [1, capacity]).
 
     Subset sums are Python-int bitsets: bit t of `reach[j]` says that the first j remaining
-    windows can make exactly t. Removing a group leaves the prefixes before its first window
+    windows can make exactly t. The backtracking takes the colex-smallest subset, so once a
+    prefix reaches a full group (bit `capacity`) the later windows cannot be taken and `reach`
+    is not extended past it. Removing a group leaves the prefixes before its first window
     valid, so the next pass extends `reach` only from there.
     """
     full = (1 << (capacity + 1)) - 1
+    top = 1 << capacity
     remaining = list(range(len(sizes)))
+    left = list(sizes)  # Sizes of the remaining windows.
     reach = [1]
     groups = []
     while remaining:
-        for index in remaining[len(reach) - 1 :]:
-            reach.append((reach[-1] | (reach[-1] << sizes[index])) & full)
-        target = reach[-1].bit_length() - 1
+        r = reach[-1]
+        if not r & top:
+            for size in left[len(reach) - 1 :]:
+                r = (r | (r << size)) & full
+                reach.append(r)
+                if r & top:
+                    break
+        target = r.bit_length() - 1
         taken = []
-        for j in range(len(remaining) - 1, -1, -1):
+        for j in range(len(reach) - 2, -1, -1):
             if not target:
                 break
             if not (reach[j] >> target) & 1:  # Not reachable without window j: take it.
                 taken.append(j)
-                target -= sizes[remaining[j]]
+                target -= left[j]
         taken.reverse()
         groups.append([remaining[j] for j in taken])
         del reach[taken[0] + 1 :]
-        chosen = set(taken)
-        remaining = [index for j, index in enumerate(remaining) if j not in chosen]
+        for j in reversed(taken):
+            del remaining[j], left[j]
     return groups
 
 
@@ -201,24 +256,20 @@ def max_fill_packing(counts: np.ndarray, capacity: int) -> list[np.ndarray]:
     return [np.array(group, np.int64) for group in _pack(sizes, capacity)]
 
 
-def _windows(wid: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[int]]:
+def _windows(wid: np.ndarray) -> tuple[np.ndarray, list[int]]:
     """Windows of the tokens, in window-id order.
 
-    Returns the tokens sorted by window id (stable: raster order inside a window), the window
-    index of each sorted token, and the token count of each window.
+    Returns the tokens sorted by window id (stable: raster order inside a window) and the
+    token count of each window.
     """
     order = np.argsort(wid, kind="stable")
-    sorted_wid = wid[order]
-    first = np.empty(len(wid), bool)
-    first[0] = True
-    np.not_equal(sorted_wid[1:], sorted_wid[:-1], out=first[1:])
-    window_of = np.cumsum(first) - 1
-    return order, window_of, np.bincount(window_of).tolist()
+    counts = np.bincount(wid)
+    return order, counts[counts > 0].tolist()
 
 
 def _assign_slots(wid: np.ndarray, spec: StagePlanSpec) -> tuple[np.ndarray, int]:
     """Slot of each token (window ids `wid`) in 'grouping' mode, and the number of groups used."""
-    order, window_of, counts = _windows(wid)
+    order, counts = _windows(wid)
     g = spec.group_size
     if max(counts) > g:
         raise PlanOverflow(f"a window holds {max(counts)} visible tokens > group_size={g}")
@@ -237,8 +288,8 @@ def _assign_slots(wid: np.ndarray, spec: StagePlanSpec) -> tuple[np.ndarray, int
         for window in members:
             offset[window] = slot - starts[window]
             slot += counts[window]
-    slot_of_token = np.empty(len(order), np.int64)
-    slot_of_token[order] = np.array(offset)[window_of] + np.arange(len(order))
+    slot_of_token = np.empty(len(order), np.int32)
+    slot_of_token[order] = np.repeat(offset, counts) + np.arange(len(order))
     return slot_of_token, len(groups)
 
 
@@ -255,29 +306,22 @@ def stage_plan(coords: np.ndarray, spec: StagePlanSpec) -> StagePlan:
     g, w = spec.group_size, spec.window
     wid = window_ids(coords, w, spec.shift)
     if spec.mode == MASKING:
-        slot_of_token, used = np.arange(n), 1
+        slot_of_token, used = np.arange(n, dtype=np.int32), 1
     else:
         slot_of_token, used = _assign_slots(wid, spec)
     slots = spec.num_groups * g
     gather = np.zeros(slots, np.int32)
-    gather[slot_of_token] = np.arange(n)
-    valid = np.zeros(slots, bool)
-    valid[slot_of_token] = True
+    gather[slot_of_token] = np.arange(n, dtype=np.int32)
     slot_window = np.full(slots, -1, np.int32)
     slot_window[slot_of_token] = wid
-    slot_window = slot_window.reshape(-1, g)
-    attn_mask = (slot_window[:, :, None] == slot_window[:, None, :]) & valid.reshape(-1, g, 1)
-    # (dy + w - 1) * (2w - 1) + (dx + w - 1) = linear_i - linear_j + offset.
-    linear = (coords[:, 0] * (2 * w - 1) + coords[:, 1])[gather].reshape(-1, g)
-    rel_index = (linear + (w - 1) * 2 * w)[:, :, None] - linear[:, None, :]
-    np.multiply(rel_index, attn_mask, out=rel_index)
     return StagePlan(
         gather=gather,
-        slot_of_token=slot_of_token.astype(np.int32),
-        valid=valid,
-        attn_mask=attn_mask,
-        rel_index=rel_index,
+        slot_of_token=slot_of_token,
+        slot_window=slot_window,
+        slot_pos=(coords[:, 0] * (2 * w - 1) + coords[:, 1])[gather],
         num_groups_used=used,
+        group_size=g,
+        window=w,
         coords=coords,
         resolution=spec.resolution,
     )
@@ -360,7 +404,7 @@ def search_group_size(
         coords = visible_coords(keep, unit_grid, resolution)
         if len(coords) != num_visible:
             raise ValueError(f"a mask has {len(coords)} visible tokens, expected {num_visible}")
-        window_counts.append(_windows(window_ids(coords, window, shift))[2])
+        window_counts.append(_windows(window_ids(coords, window, shift))[1])
     costs = {}
     for g in candidates:
         per_group = 4 * g * channels**2 + 2 * g**2 * channels

@@ -14,6 +14,12 @@ schedulers with `t_in_epochs=False`) per optimizer step:
 * Layer-wise lr decay (fine-tuning) gives each layer's parameter group the peak lr
   `lr * layer_decay ** (num_layers - 1 - layer_id)` while the warmup and min lr stay
   unscaled, as timm 0.4.12 schedules each group from its own initial lr.
+
+`schedule = "half_cosine"` is the MAE recipe instead (GreenMIM, iTPN pixel; MAE
+`util/lr_sched.adjust_learning_rate`, called before every update t with the fractional epoch
+`e = t / steps_per_epoch`): linear warmup from 0 to the peak over `warmup_epochs`, then a
+half-cycle cosine from the peak to the min lr over the remaining epochs; no lag (update 0 has
+lr 0); `warmup_lr` is unused; with layer decay the whole curve (min lr included) is scaled.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from mim_jax import pytree
 from mim_jax.config_lib import ConfigError
 
 PyTree = Any
+SCHEDULES = ("cosine", "multistep", "half_cosine")
 
 
 def scaled_lrs(config: ml_collections.ConfigDict) -> tuple[float, float, float]:
@@ -60,8 +67,6 @@ def _timm_schedule(
             f"config.optim.warmup_epochs={optim.warmup_epochs} ends after the first multistep "
             f"milestone (epoch {min(optim.decay_epochs)})"
         )
-    if optim.schedule not in ("cosine", "multistep"):
-        raise ConfigError(f"config.optim.schedule='{optim.schedule}' must be cosine or multistep")
 
     def schedule(count: jax.Array) -> jax.Array:
         step = jnp.maximum(jnp.asarray(count, jnp.int32) - 1, 0)
@@ -78,12 +83,53 @@ def _timm_schedule(
     return schedule
 
 
+def _half_cosine(
+    optim: ml_collections.ConfigDict,
+    peak_lr: float,
+    min_lr: float,
+    steps_per_epoch: int,
+    total_steps: int,
+) -> optax.Schedule:
+    """MAE per-iteration warmup + half-cycle cosine (module docstring)."""
+    if total_steps <= 0:
+        raise ConfigError(f"total_steps={total_steps} must be > 0 for the half_cosine schedule")
+    warmup = float(optim.warmup_epochs)
+    epochs = total_steps / steps_per_epoch  # A run shorter than the warmup stays in warmup.
+
+    def schedule(count: jax.Array) -> jax.Array:
+        epoch = jnp.asarray(count, jnp.float32) / steps_per_epoch
+        warm = peak_lr * epoch / max(warmup, 1e-12)
+        progress = jnp.clip((epoch - warmup) / max(epochs - warmup, 1e-12), 0.0, 1.0)
+        cosine = min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+        return jnp.where(epoch < warmup, warm, cosine).astype(jnp.float32)
+
+    return schedule
+
+
+def _schedule(
+    optim: ml_collections.ConfigDict,
+    peak_lr: float,
+    warmup_lr: float,
+    min_lr: float,
+    steps_per_epoch: int,
+    total_steps: int,
+) -> optax.Schedule:
+    """The schedule named by `optim.schedule`, indexed by the optimizer step count."""
+    if optim.schedule not in SCHEDULES:
+        raise ConfigError(
+            f"config.optim.schedule='{optim.schedule}' must be one of {', '.join(SCHEDULES)}"
+        )
+    if optim.schedule == "half_cosine":
+        return _half_cosine(optim, peak_lr, min_lr, steps_per_epoch, total_steps)
+    return _timm_schedule(optim, peak_lr, warmup_lr, min_lr, steps_per_epoch, total_steps)
+
+
 def learning_rate_schedule(
     config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int
 ) -> optax.Schedule:
-    """Per-step lr of `config.optim` (timm/SimMIM semantics, see the module docstring)."""
+    """Per-step lr of `config.optim` (semantics in the module docstring)."""
     base_lr, warmup_lr, min_lr = scaled_lrs(config)
-    return _timm_schedule(config.optim, base_lr, warmup_lr, min_lr, steps_per_epoch, total_steps)
+    return _schedule(config.optim, base_lr, warmup_lr, min_lr, steps_per_epoch, total_steps)
 
 
 def weight_decay_mask(params: PyTree, no_decay_keywords: Sequence[str]) -> PyTree:
@@ -159,7 +205,8 @@ def make_optimizer(
     mask = functools.partial(weight_decay_mask, no_decay_keywords=tuple(optim.no_decay_keywords))
 
     def adamw(peak_lr: float) -> optax.GradientTransformation:
-        schedule = _timm_schedule(optim, peak_lr, warmup_lr, min_lr, steps_per_epoch, total_steps)
+        group_min = min_lr * peak_lr / base_lr if optim.schedule == "half_cosine" else min_lr
+        schedule = _schedule(optim, peak_lr, warmup_lr, group_min, steps_per_epoch, total_steps)
         return optax.adamw(
             schedule,
             b1=optim.b1,

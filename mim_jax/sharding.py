@@ -75,7 +75,7 @@ def make_mesh(
 
 def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh) -> None:
     """The global batch must split evenly over hosts and over the data x fsdp shards."""
-    shards = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+    shards = batch_shards(mesh)
     if batch_size % shards or batch_size % jax.process_count():
         raise ConfigError(
             f"config.batch_size={batch_size} must be divisible by data*fsdp={shards} and by "
@@ -127,11 +127,42 @@ def batch_sharding(mesh: jax.sharding.Mesh, ndim: int = 1) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
 
 
-def global_batch(local: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
-    """Host-local numpy batch -> global jax.Arrays sharded over the batch axes of `mesh`."""
-    per_shard = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+def batch_shards(mesh: jax.sharding.Mesh) -> int:
+    """Number of data-parallel shards of the batch (data * fsdp)."""
+    return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
+def mask_groups_sharded(num_groups: int, mesh: jax.sharding.Mesh) -> bool:
+    """Whether per-mask-group arrays are split over the batch axes (else replicated)."""
+    return num_groups % batch_shards(mesh) == 0
+
+
+def global_batch(
+    local: dict,
+    mesh: jax.sharding.Mesh,
+    *,
+    group_keys: Sequence[str] = (),
+    num_groups: int = 1,
+) -> dict:
+    """Host-local numpy batch -> global jax.Arrays on `mesh`.
+
+    Every key's leading axis is the batch, split over the data and fsdp axes, except the
+    pytrees under `group_keys` (GreenMIM plans), whose leaves lead with the `num_groups` mask
+    groups: split like the batch when the shards divide `num_groups` (each host then holds its
+    own groups), else replicated (each host holds all of them).
+    """
+    per_shard = batch_shards(mesh)
+    sharded_groups = mask_groups_sharded(num_groups, mesh)
     out = {}
     for key, value in local.items():
+        if key in group_keys:
+            out[key] = jax.tree.map(
+                lambda leaf: jax.make_array_from_process_local_data(
+                    batch_sharding(mesh, leaf.ndim) if sharded_groups else replicated(mesh), leaf
+                ),
+                value,
+            )
+            continue
         global_size = value.shape[0] * jax.process_count()
         if global_size % per_shard:
             raise ValueError(

@@ -2,13 +2,21 @@
 step, orbax checkpoints with auto-resume, CLU metrics, reconstruction grids, NaN guards.
 
 A method (mim_jax/methods/*) is seen only through build_model, make_batch_transform, loss_fn
-and reconstruct.
+and reconstruct, plus an optional teacher: a method that defines `build_teacher(config, rngs)`
+gets a teacher model whose parameters live in the train state (sharded by their logical names
+like the student's, checkpointed), initialized by `init_teacher(config, student_params,
+teacher_params)` and advanced after every update by `update_teacher(config, teacher_params,
+student_params, step, total_steps) -> (teacher_params, metrics)` inside the jitted step (an EMA
+teacher; a frozen one returns its input). A fresh run then calls the optional host-side
+`load_teacher(config, teacher_params) -> teacher_params` (e.g. converted CLIP weights).
+`loss_fn` receives the teacher module (under stop_gradient) as `teacher=`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -29,11 +37,13 @@ from mim_jax.methods import get_method
 
 @flax.struct.dataclass
 class TrainState:
-    """Everything a resumed run needs besides the config: step, parameters, optimizer state."""
+    """Everything a resumed run needs besides the config: step, parameters, optimizer state
+    and, for methods with a teacher, the teacher's parameters (else None)."""
 
     step: jax.Array
     params: nnx.State
     opt_state: optax.OptState
+    teacher: nnx.State | None = None
 
 
 @dataclasses.dataclass
@@ -48,12 +58,14 @@ class Setup:
     mesh: jax.sharding.Mesh
     method: Any
     graphdef: nnx.GraphDef
+    teacher_graphdef: nnx.GraphDef | None  # For methods with a teacher (module docstring).
     abstract_state: TrainState  # ShapeDtypeStructs carrying the target shardings.
     init_state: Callable[[], TrainState]
     schedule: optax.Schedule
     train_step: Callable
     steps_per_epoch: int
     total_steps: int
+    place_batch: Callable[[dict], dict]  # Host-local batch -> global arrays on the mesh.
 
 
 def schedule_steps(config: ml_collections.ConfigDict, num_examples: int) -> tuple[int, int]:
@@ -67,26 +79,48 @@ def _abstract_model(config: ml_collections.ConfigDict, method) -> nnx.Module:
     return nnx.eval_shape(lambda: method.build_model(config, nnx.Rngs(params=config.seed)))
 
 
+def has_teacher(method) -> bool:
+    """Whether the method keeps a teacher model in the train state."""
+    return hasattr(method, "build_teacher")
+
+
+def _build_teacher(config: ml_collections.ConfigDict, method) -> nnx.Module:
+    return method.build_teacher(config, nnx.Rngs(params=config.seed + 2))
+
+
 def make_train_step(
     config: ml_collections.ConfigDict,
     method,
     graphdef: nnx.GraphDef,
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
+    *,
+    teacher_graphdef: nnx.GraphDef | None = None,
+    total_steps: int = 0,
 ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
-    """The pure train step (not yet jitted): loss, grads, AdamW update, metrics."""
+    """The pure train step (not yet jitted): loss, grads, AdamW update, teacher update, metrics."""
     dropout_key = jax.random.key(config.seed + 1)
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
         step_key = jax.random.fold_in(dropout_key, state.step)
+        kwargs = {}
+        if teacher_graphdef is not None:
+            frozen = jax.lax.stop_gradient(state.teacher)
+            kwargs["teacher"] = nnx.merge(teacher_graphdef, frozen)
 
         def compute_loss(params: nnx.State):
             rngs = nnx.Rngs(dropout=step_key)  # Built inside the grad trace: NNX needs that.
-            return method.loss_fn(nnx.merge(graphdef, params), batch, rngs)
+            return method.loss_fn(nnx.merge(graphdef, params), batch, rngs, **kwargs)
 
         (loss, aux), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        teacher = state.teacher
+        if teacher_graphdef is not None:
+            teacher, teacher_metrics = method.update_teacher(
+                config, teacher, params, state.step, total_steps
+            )
+            aux = {**aux, **teacher_metrics}
         metrics = {
             "loss": loss,
             "grad_norm": optax.global_norm(grads),
@@ -94,7 +128,9 @@ def make_train_step(
             "lr": schedule(state.step),
             **aux,
         }
-        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+        new_state = TrainState(
+            step=state.step + 1, params=params, opt_state=opt_state, teacher=teacher
+        )
         return new_state, metrics
 
     return train_step
@@ -119,18 +155,41 @@ def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, num_exampl
         param_shardings,
         transform_non_params=lambda _: replicated,
     )
-    state_shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings)
+    teacher_graphdef = teacher_shardings = None
+    if has_teacher(method):
+        teacher_graphdef, abstract_teacher = nnx.split(
+            nnx.eval_shape(lambda: _build_teacher(config, method)), nnx.Param
+        )
+        teacher_shardings = sharding.tree_shardings(
+            abstract_teacher, nnx.get_partition_spec(abstract_teacher), rules, mesh
+        )
+    state_shardings = TrainState(
+        step=replicated, params=param_shardings, opt_state=opt_shardings, teacher=teacher_shardings
+    )
 
     def init() -> TrainState:
         model = method.build_model(config, nnx.Rngs(params=config.seed))
         params = nnx.state(model, nnx.Param)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+        teacher = None
+        if teacher_graphdef is not None:
+            fresh = nnx.state(_build_teacher(config, method), nnx.Param)
+            teacher = method.init_teacher(config, params, fresh)
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=tx.init(params),
+            teacher=teacher,
+        )
 
     init_jit = jax.jit(init, out_shardings=state_shardings)
 
     def init_state() -> TrainState:
         with jax.set_mesh(mesh):
-            return init_jit()
+            state = init_jit()
+        if teacher_graphdef is not None and hasattr(method, "load_teacher"):
+            loaded = method.load_teacher(config, state.teacher)
+            state = state.replace(teacher=jax.device_put(loaded, teacher_shardings))
+        return state
 
     abstract = jax.tree.map(
         lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
@@ -138,31 +197,52 @@ def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, num_exampl
         state_shardings,
     )
     step_fn = jax.jit(
-        make_train_step(config, method, graphdef, tx, schedule),
+        make_train_step(
+            config,
+            method,
+            graphdef,
+            tx,
+            schedule,
+            teacher_graphdef=teacher_graphdef,
+            total_steps=total_steps,
+        ),
         in_shardings=(state_shardings, None),
         out_shardings=(state_shardings, replicated),
         donate_argnums=0,
+    )
+    group_keys = getattr(method, "GROUP_KEYS", ())
+    place_batch = functools.partial(
+        sharding.global_batch,
+        mesh=mesh,
+        group_keys=group_keys,
+        num_groups=method.num_mask_groups(config, mesh) if group_keys else 1,
     )
     return Setup(
         config=config,
         mesh=mesh,
         method=method,
         graphdef=graphdef,
+        teacher_graphdef=teacher_graphdef,
         abstract_state=abstract,
         init_state=init_state,
         schedule=schedule,
         train_step=step_fn,
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
+        place_batch=place_batch,
     )
 
 
 def make_reconstruct_fn(s: Setup, num_images: int) -> Callable:
-    """Jitted fn(params, batch) -> dict of replicated `[n, H, W, 3]` images for the grid."""
+    """Jitted fn(params, batch) -> dict of replicated `[n, H, W, 3]` images for the grid.
+
+    Runs on the whole (sharded) batch, whose layout may tie examples to per-group arrays
+    (GreenMIM plans), and keeps the first `num_images`.
+    """
 
     def fn(params: nnx.State, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-        head = {k: v[:num_images] for k, v in batch.items()}
-        return s.method.reconstruct(nnx.merge(s.graphdef, params), head)
+        images = s.method.reconstruct(nnx.merge(s.graphdef, params), batch)
+        return {k: v[:num_images] for k, v in images.items()}
 
     return jax.jit(fn, out_shardings=sharding.replicated(s.mesh))
 
@@ -222,7 +302,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[int, dict[str
             config.batch_size,
         )
         batches = data_input.make_pretrain_iterator(
-            config, start_step=start_step, batch_transform=s.method.make_batch_transform(config)
+            config,
+            start_step=start_step,
+            batch_transform=s.method.make_batch_transform(config, s.mesh),
         )
         stack.callback(batches.close)
         return _loop(s, state, start_step, batches, ckpt, writer)
@@ -244,7 +326,7 @@ def _loop(
     with jax.set_mesh(s.mesh):
         for step in range(start_step, s.total_steps):
             host_batch = {k: v for k, v in next(batches).items() if k not in HOST_ONLY_KEYS}
-            batch = sharding.global_batch(host_batch, s.mesh)
+            batch = s.place_batch(host_batch)
             state, metrics = s.train_step(state, batch)
             done = step + 1
             pending.append((done, metrics))

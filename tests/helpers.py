@@ -36,3 +36,26 @@ def tiny_simmim_config(**overrides) -> ml_collections.ConfigDict:
     c.num_images = 2
     c.update_from_flattened_dict(overrides)
     return c
+
+
+def tiny_greenmim_config(**overrides) -> ml_collections.ConfigDict:
+    """GreenMIM on a 2-stage Swin (16x16 then 8x8 tokens, window 4; stage 1 grouped, stage 2
+    in masking mode) on 32 px bundled crops, 8 px mask units (4 of 16 visible)."""
+    c = load_config("greenmim", "quickstart")
+    c.model.update(
+        img_size=32, patch_size=2, embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=4
+    )
+    c.mask.patch_size = 8
+    c.decoder.update(embed_dim=16, num_heads=2)
+    c.batch_size = 16
+    c.total_steps = 4
+    c.data.num_workers = 0
+    c.data.prefetch = 0
+    c.data.num_examples = 64
+    c.async_checkpointing = False
+    c.log_every_steps = 1
+    c.image_every_steps = 1000
+    c.checkpoint_every_steps = 1000
+    c.num_images = 2
+    c.update_from_flattened_dict(overrides)
+    return c

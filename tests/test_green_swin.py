@@ -40,8 +40,26 @@ CONFIGS = {
         mask_ratio=0.5,
         group_size=(20, None, None),
     ),
+    # The paper's windows: 7 (stage 1 grouping + shifted, stage 2 masking) and 14.
+    "window7": dict(
+        model=dict(
+            img_size=56, patch_size=4, embed_dim=8, depths=(2, 2), num_heads=(2, 2), window_size=7
+        ),
+        mask_unit=8,
+        mask_ratio=0.25,
+        group_size=None,
+    ),
+    "window14": dict(
+        model=dict(
+            img_size=112, patch_size=4, embed_dim=8, depths=(2, 2), num_heads=(1, 2), window_size=14
+        ),
+        mask_unit=8,
+        mask_ratio=0.25,
+        group_size=None,
+    ),
 }
-BATCH = 2
+NUM_MASKS = 2  # Mask groups: examples [0, 2) use mask 0, [2, 4) mask 1.
+BATCH = 4
 
 
 def _model_kwargs(config: dict) -> dict:
@@ -87,7 +105,7 @@ class Setup:
         nnx.update(green, nnx.state(dense))
         self.dense, self.green = dense, green
         self.specs = _specs(config)
-        self.keep, self.unit_grid = _keep_units(config, 2)
+        self.keep, self.unit_grid = _keep_units(config, 3)
         size = config["model"]["img_size"]
         self.images = jnp.asarray(
             np.random.default_rng(2).normal(size=(BATCH, size, size, 3)), jnp.float32
@@ -98,9 +116,10 @@ class Setup:
             lambda st, images, plans: nnx.merge(graphdef, st)(images, plans, return_stages=True)
         )
 
-    def plans(self, index: int) -> tuple[list, dict]:
-        raw = grouping.plan_mask(self.keep[index], self.specs, self.unit_grid)
-        return raw, green_swin.device_plans(raw)
+    def plans(self, *indices: int) -> tuple[list, dict]:
+        """Raw plans of the masks `indices` and their stacked device pytree."""
+        raw = [grouping.plan_mask(self.keep[i], self.specs, self.unit_grid) for i in indices]
+        return raw, green_swin.stack_plans([green_swin.device_plans(r) for r in raw])
 
 
 _SETUPS: dict = {}
@@ -229,48 +248,68 @@ def test_parameter_tree_equals_dense_swin(name):
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_matches_dense_masked_reference(name):
+    """Two mask groups, each checked at every stage against the dense reference of its mask."""
     s = _setup(name)
-    raw, plans = s.plans(0)
+    raw, plans = s.plans(0, 1)
     stage1 = s.specs[0][0]
-    assert stage1.mode == grouping.GROUPING and raw[0][0].num_groups_used > 1
+    assert stage1.mode == grouping.GROUPING and raw[0][0][0].num_groups_used > 1
+    assert len(s.specs[0]) == 2  # Both shift parities are exercised.
     assert all(spec.mode == grouping.MASKING for spec in s.specs[-1])
     out, stages = s.green_fn(s.green_state, s.images, plans)
-    ref_stages, ref_out, keeps = dense_reference(
-        s.dense, s.images, s.keep[0], s.unit_grid, s.config
-    )
     assert out.shape == (BATCH, s.specs[-1][0].num_visible, s.green.num_features)
-    for i, (got, want, keep) in enumerate(zip(stages, ref_stages, keeps, strict=True)):
-        assert got.shape[1] == s.specs[i][0].num_visible
-        np.testing.assert_allclose(
-            np.asarray(got), _visible(want, keep), rtol=1e-5, atol=1e-5, err_msg=f"stage {i}"
+    per_mask = BATCH // NUM_MASKS
+    for m in range(NUM_MASKS):
+        rows = slice(m * per_mask, (m + 1) * per_mask)
+        ref_stages, ref_out, keeps = dense_reference(
+            s.dense, s.images[rows], s.keep[m], s.unit_grid, s.config
         )
-    np.testing.assert_allclose(np.asarray(out), _visible(ref_out, keeps[-1]), rtol=1e-5, atol=1e-5)
+        for i, (got, want, keep) in enumerate(zip(stages, ref_stages, keeps, strict=True)):
+            assert got.shape[1] == s.specs[i][0].num_visible
+            np.testing.assert_allclose(
+                np.asarray(got[rows]),
+                _visible(want, keep),
+                rtol=1e-5,
+                atol=1e-5,
+                err_msg=f"mask {m} stage {i}",
+            )
+        np.testing.assert_allclose(
+            np.asarray(out[rows]), _visible(ref_out, keeps[-1]), rtol=1e-5, atol=1e-5
+        )
 
 
-def test_one_compile_for_two_masks():
+def test_one_compile_for_different_masks():
     s = _setup("two_stages")
-    _, plans0 = s.plans(0)
-    _, plans1 = s.plans(1)
+    _, plans0 = s.plans(0, 1)
+    _, plans1 = s.plans(2, 0)
     assert not np.array_equal(plans0["visible"], plans1["visible"])
     out0, _ = s.green_fn(s.green_state, s.images, plans0)
     out1, _ = s.green_fn(s.green_state, s.images, plans1)
     assert s.green_fn._cache_size() == 1
     assert not np.allclose(np.asarray(out0), np.asarray(out1))
-    # The second mask also matches the dense reference (last stage).
-    _, ref_out, keeps = dense_reference(s.dense, s.images, s.keep[1], s.unit_grid, s.config)
-    np.testing.assert_allclose(np.asarray(out1), _visible(ref_out, keeps[-1]), rtol=1e-5, atol=1e-5)
+    # The second call also matches the dense reference (last stage, first mask group).
+    _, ref_out, keeps = dense_reference(s.dense, s.images[:2], s.keep[2], s.unit_grid, s.config)
+    np.testing.assert_allclose(
+        np.asarray(out1[:2]), _visible(ref_out, keeps[-1]), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_plans_need_the_mask_group_axis():
+    s = _setup("two_stages")
+    single = green_swin.device_plans(grouping.plan_mask(s.keep[0], s.specs, s.unit_grid))
+    with pytest.raises(ValueError, match="mask-group axis"):
+        s.green(s.images, single)
 
 
 def test_device_plans_structure_and_merge_order():
     s = _setup("three_stages")
-    _, plans = s.plans(0)
+    plans = green_swin.device_plans(grouping.plan_mask(s.keep[0], s.specs, s.unit_grid))
     assert [len(entry["attn"]) for entry in plans["stages"]] == [2, 2, 1]
     assert ["merge" in entry for entry in plans["stages"]] == [True, True, False]
     for i, entry in enumerate(plans["stages"]):
         for spec, attn in zip(s.specs[i], entry["attn"], strict=True):
             g, G, n = spec.group_size, spec.num_groups, spec.num_visible
             assert attn["gather"].shape == (G * g,) and attn["slot_of_token"].shape == (n,)
-            assert attn["attn_mask"].shape == attn["rel_index"].shape == (G, g, g)
+            assert attn["slot_window"].shape == attn["slot_pos"].shape == (G, g)
     # Merge indices: sub-token (2r + dy, 2c + dx) in Swin order (0,0), (1,0), (0,1), (1,1).
     for i in range(2):
         fine = grouping.visible_coords(s.keep[0], s.unit_grid, s.specs[i][0].resolution)
@@ -281,6 +320,9 @@ def test_device_plans_structure_and_merge_order():
     r = s.specs[0][0].resolution
     coords = grouping.visible_coords(s.keep[0], s.unit_grid, r)
     np.testing.assert_array_equal(plans["visible"], coords[:, 0] * r + coords[:, 1])
+    stacked = green_swin.stack_plans([plans, plans])
+    shifted = plans["stages"][0]["attn"][1]["slot_window"]
+    assert stacked["stages"][0]["attn"][1]["slot_window"].shape == (2, *shifted.shape)
 
 
 def test_reference_without_mask_is_dense_swin():
@@ -296,7 +338,7 @@ def test_reference_without_mask_is_dense_swin():
 def test_gradients_are_finite():
     """Pad slots (fully masked rows) give finite values and no NaN gradients."""
     s = _setup("two_stages")
-    _, plans = s.plans(0)
+    _, plans = s.plans(0, 1)
     graphdef = nnx.graphdef(s.green)
 
     def loss(state):

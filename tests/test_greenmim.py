@@ -18,7 +18,7 @@ import pytest
 from flax import nnx
 
 from mim_jax import convert, grouping, pytree
-from mim_jax.methods import greenmim
+from mim_jax.methods import greenmim, norm_pix
 from mim_jax.models import green_swin
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
@@ -80,10 +80,12 @@ class Official:
         assert (mask == mask[:1]).all()
         self.specs = greenmim.plan_specs_from_config(self.config)
         unit_grid = self.config.model.img_size // self.config.mask.patch_size
-        self.plans = green_swin.device_plans(grouping.plan_mask(1 - mask[0], self.specs, unit_grid))
+        raw = grouping.plan_mask(1 - mask[0], self.specs, unit_grid)
+        self.plans = green_swin.stack_plans([green_swin.device_plans(raw)])
         self.batch = {
             "image": jnp.asarray(io["x"].transpose(0, 2, 3, 1)),
             "unit_mask": jnp.asarray(mask),
+            "mask_redraws": jnp.zeros(mask.shape[0], jnp.int32),
             "plans": self.plans,
         }
         graphdef, params = nnx.split(model, nnx.Param)
@@ -95,8 +97,8 @@ class Official:
             m = nnx.merge(graphdef, p)
             latent = m.encoder(batch["image"], batch["plans"])
             pred = m.decode(released_placement(m, latent, ids_restore))
-            target = greenmim.norm_pix_targets(batch["image"], unit)
-            loss = greenmim.masked_mse(pred, target, batch["unit_mask"])
+            target = norm_pix.norm_pix_targets(batch["image"], unit)
+            loss = norm_pix.masked_mse(pred, target, batch["unit_mask"])
             return loss, (latent, pred)
 
         (loss, (latent, pred)), grads = jax.jit(jax.value_and_grad(official_loss, has_aux=True))(
@@ -182,13 +184,13 @@ def test_library_loss_is_finite_and_differs_only_by_placement():
 def test_norm_pix_targets_match_numpy():
     rng = np.random.default_rng(0)
     images = rng.normal(size=(2, 64, 64, 3)).astype(np.float32)
-    ours = np.asarray(greenmim.norm_pix_targets(jnp.asarray(images), 32))
+    ours = np.asarray(norm_pix.norm_pix_targets(jnp.asarray(images), 32))
     patches = images.reshape(2, 2, 32, 2, 32, 3).transpose(0, 1, 3, 2, 4, 5).reshape(2, 4, -1)
     mean = patches.mean(-1, keepdims=True)
     var = patches.var(-1, ddof=1, keepdims=True)
     np.testing.assert_allclose(ours, (patches - mean) / np.sqrt(var + 1e-6), atol=1e-5, rtol=0)
     np.testing.assert_array_equal(
-        np.asarray(greenmim.unpatchify(greenmim.patchify(jnp.asarray(images), 32), 32)), images
+        np.asarray(norm_pix.unpatchify(norm_pix.patchify(jnp.asarray(images), 32), 32)), images
     )
 
 
@@ -197,37 +199,72 @@ def test_loss_ignores_visible_patches():
     pred = rng.normal(size=(2, 4, 12)).astype(np.float32)
     target = rng.normal(size=(2, 4, 12)).astype(np.float32)
     mask = np.array([[1, 0, 1, 0], [1, 0, 1, 0]], np.int32)
-    base = greenmim.masked_mse(jnp.asarray(pred), jnp.asarray(target), jnp.asarray(mask))
+    base = norm_pix.masked_mse(jnp.asarray(pred), jnp.asarray(target), jnp.asarray(mask))
     changed = pred.copy()
     changed[:, [1, 3]] += 100.0
-    after = greenmim.masked_mse(jnp.asarray(changed), jnp.asarray(target), jnp.asarray(mask))
+    after = norm_pix.masked_mse(jnp.asarray(changed), jnp.asarray(target), jnp.asarray(mask))
     assert float(base) == float(after)
     expected = np.mean((pred - target) ** 2, -1)[mask == 1].mean()
     np.testing.assert_allclose(base, expected, rtol=1e-6)
 
 
-def test_batch_transform_one_mask_per_batch():
+def test_batch_transform_one_mask_per_group():
     o = _official()
-    transform = greenmim.make_batch_transform(o.config)
-    batch = {"image": np.zeros((3, 128, 128, 3), np.float32), "index": np.arange(3)}
-    out = transform(batch, 5)
-    assert out["unit_mask"].shape == (3, 16)
-    assert (out["unit_mask"] == out["unit_mask"][:1]).all()
-    assert out["unit_mask"][0].sum() == 12
-    again = transform(batch, 5)
-    np.testing.assert_array_equal(out["unit_mask"], again["unit_mask"])
-    assert jax.tree.structure(out["plans"]) == jax.tree.structure(o.plans)
-    assert all(
-        a.shape == b.shape
-        for a, b in zip(jax.tree.leaves(out["plans"]), jax.tree.leaves(o.plans), strict=True)
+    config = o.config.copy_and_resolve_references()
+    config.batch_size, config.mask.groups = 6, 3
+    transform = greenmim.make_batch_transform(config)
+    batch = {"image": np.zeros((6, 128, 128, 3), np.float32), "index": 12 + np.arange(6)}
+    out = transform(batch, 2)
+    masks = out["unit_mask"]
+    assert masks.shape == (6, 16) and (masks.sum(1) == 12).all()
+    np.testing.assert_array_equal(masks[0::2], masks[1::2])  # Rows 2m, 2m+1 share group m.
+    assert len({m.tobytes() for m in masks[0::2]}) == 3
+    assert (out["mask_redraws"] == 0).all()
+    np.testing.assert_array_equal(transform(batch, 2)["unit_mask"], masks)
+    leaves = jax.tree.leaves(out["plans"])
+    assert all(leaf.shape[0] == 3 for leaf in leaves)
+    single = jax.tree.leaves(o.plans)
+    assert [leaf.shape[1:] for leaf in leaves] == [leaf.shape[1:] for leaf in single]
+    # Group m's mask is a pure function of (seed, step, m): a host holding only rows 2-3
+    # (group 1) gets the same mask and one plan.
+    part = transform({"image": batch["image"][2:4], "index": batch["index"][2:4]}, 2)
+    np.testing.assert_array_equal(part["unit_mask"], masks[2:4])
+    assert all(leaf.shape[0] == 1 for leaf in jax.tree.leaves(part["plans"]))
+    with pytest.raises(ValueError, match="whole mask groups"):
+        transform({"image": batch["image"][1:2], "index": batch["index"][1:2]}, 2)
+
+
+def test_redraws_are_deterministic_and_counted():
+    """With G = 4 at stage 1 (about 22% of these masks need 5 groups), overflowing masks are
+    redrawn, counted, reproducible, and every delivered mask fits the static plan."""
+    config = ml_collections.ConfigDict(
+        dict(
+            seed=0,
+            batch_size=8,
+            model=dict(img_size=112, patch_size=4, depths=(2, 2, 2), window_size=7),
+            mask=dict(patch_size=16, ratio=0.75, groups=8, group_size=None, num_groups=(4, 1, 1)),
+        )
     )
+    specs = greenmim.plan_specs_from_config(config)
+    assert specs[0][0].mode == grouping.GROUPING and specs[0][0].num_groups == 4
+    transform = greenmim.make_batch_transform(config)
+    batch = {"image": np.zeros((8, 1, 1, 3), np.float32), "index": np.arange(8)}
+    outs = [transform(batch, step) for step in range(4)]
+    assert sum(int(out["mask_redraws"].sum()) for out in outs) > 0
+    np.testing.assert_array_equal(transform(batch, 3)["mask_redraws"], outs[3]["mask_redraws"])
+    for out in outs:
+        for keep in 1 - out["unit_mask"]:
+            grouping.plan_mask(keep, specs, 7)  # Raises PlanOverflow if a mask did not fit.
+    # Group ids are independent of the redraws of other groups.
+    first = greenmim.batch_mask_and_plans(0, 0, 0, specs=specs, unit_grid=7, mask_ratio=0.75)
+    np.testing.assert_array_equal(first[0], outs[0]["unit_mask"][0])
 
 
 def test_reconstruct_unnormalizes_targets():
     """A model whose prediction is exactly the norm-pix target reconstructs the input."""
     o = _official()
     images = o.batch["image"]
-    target = greenmim.norm_pix_targets(images, 32)
+    target = norm_pix.norm_pix_targets(images, 32)
 
     class Perfect:
         unit = 32

@@ -22,9 +22,10 @@ def _run(*flags: str, workdir: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_quickstart_trains_writes_and_resumes(tmp_path):
+@pytest.mark.parametrize("method", ["simmim", "greenmim"])
+def test_quickstart_trains_writes_and_resumes(tmp_path, method):
     workdir = str(tmp_path / "run")
-    config = "--config=configs/simmim.py:quickstart,total_steps=3,image_every_steps=2"
+    config = f"--config=configs/{method}.py:quickstart,total_steps=3,image_every_steps=2"
     small = ["--config.batch_size=8", "--config.data.num_workers=2", "--config.log_every_steps=1"]
     first = _run(config, *small, workdir=workdir)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -34,7 +35,7 @@ def test_quickstart_trains_writes_and_resumes(tmp_path):
     assert os.path.exists(os.path.join(workdir, "checkpoints", "3", "default"))
     assert os.path.exists(os.path.join(workdir, "config.json"))
 
-    longer = "--config=configs/simmim.py:quickstart,total_steps=4,image_every_steps=2"
+    longer = f"--config=configs/{method}.py:quickstart,total_steps=4,image_every_steps=2"
     second = _run(longer, *small, workdir=workdir)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "restored checkpoint step 3" in second.stderr

@@ -358,3 +358,40 @@ def test_optimizer_init_is_abstract_friendly():
     tx, _ = optim.make_optimizer(c, abstract, 10, 100)
     state = jax.eval_shape(tx.init, abstract)
     assert jax.tree.leaves(state)
+
+
+def _mae_lr(epoch: float, *, lr: float, min_lr: float, warmup_epochs: float, epochs: float):
+    """MAE `util/lr_sched.adjust_learning_rate` for a fractional epoch."""
+    if epoch < warmup_epochs:
+        return lr * epoch / warmup_epochs
+    progress = (epoch - warmup_epochs) / (epochs - warmup_epochs)
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@pytest.mark.parametrize(("warmup_epochs", "min_lr"), [(2.0, 0.0), (0.5, 1e-6)])
+def test_half_cosine_matches_mae_lr_sched(warmup_epochs, min_lr):
+    """GreenMIM / iTPN pixel recipe: lr = blr * B / 256, set before each update (no lag)."""
+    c = _config(
+        schedule="half_cosine",
+        base_lr=1.5e-4,
+        lr_batch_base=256,
+        min_lr=min_lr,
+        warmup_epochs=warmup_epochs,
+    )
+    spe, total = 7, 70
+    schedule = optim.learning_rate_schedule(c, spe, total)
+    lr = 1.5e-4 * 2048 / 256
+    want = [
+        _mae_lr(t / spe, lr=lr, min_lr=min_lr * 8, warmup_epochs=warmup_epochs, epochs=10)
+        for t in range(total + 1)
+    ]
+    np.testing.assert_allclose(_eval(schedule, np.arange(total + 1)), want, rtol=2e-6, atol=1e-9)
+    assert _eval(schedule, [0])[0] == 0.0
+    # Past the run the lr holds the min (MAE's formula would rise again).
+    np.testing.assert_allclose(_eval(schedule, [total + 5]), [min_lr * 8], atol=1e-9)
+
+
+def test_half_cosine_run_shorter_than_warmup_stays_in_warmup():
+    c = _config(schedule="half_cosine", base_lr=1e-4, lr_batch_base=2048, warmup_epochs=12.0)
+    got = _eval(optim.learning_rate_schedule(c, 7, 70), np.arange(71))
+    np.testing.assert_allclose(got, 1e-4 * np.arange(71) / 7 / 12, rtol=2e-6)

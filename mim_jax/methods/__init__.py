@@ -8,7 +8,7 @@ from types import ModuleType
 
 from mim_jax.config_lib import ConfigError
 
-METHODS = ("simmim",)
+METHODS = ("simmim", "greenmim", "itpn")
 
 
 def get_method(name: str) -> ModuleType:

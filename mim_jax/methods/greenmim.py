@@ -11,23 +11,25 @@ scattered into the slots of the visible units in raster order; the mask token fi
 The released code's `ids_restore` gather (which permutes visible tokens, SPEC 2.6) is NOT
 reproduced here; tests/test_greenmim.py reproduces it outside the library for parity.
 
-Loss (SPEC 2.7): per-patch normalized pixels (`norm_pix_targets`, patch vector order
+Loss (SPEC 2.7): per-patch normalized pixels (`norm_pix.norm_pix_targets`, patch vector order
 (row, col, channel), unbiased variance + 1e-6), MSE over the patch vector, mean over masked
 units.
 
 Config: `config.model` (Swin encoder kwargs plus `name`), `config.mask.patch_size` (the mask
-unit, 32 = the final-stage patch), `config.mask.ratio`, optional `config.mask.group_size` /
-`config.mask.num_groups` (grouping.plan_specs), `config.decoder` (embed_dim, depth, num_heads,
-optional mlp_ratio 4.0, norm_eps 1e-6). The loss is always norm-pix (as in all released scripts).
+unit, 32 = the final-stage patch), `config.mask.ratio`, `config.mask.groups` (mask groups per
+global batch, 0 = data-parallel shards), optional `config.mask.group_size` /
+`config.mask.num_groups` (grouping.plan_specs; 0 = default), `config.decoder` (embed_dim,
+depth, num_heads, optional mlp_ratio 4.0, norm_eps 1e-6). The loss is always norm-pix (as in
+all released scripts; `methods/norm_pix.py`).
 
 Batch keys added on the host (make_batch_transform): `unit_mask` int32 `[B, L]` (1 = removed;
-every row equal: batch-wise) and `plans` (green_swin plan pytree for that mask).
+rows of one mask group equal: batch-wise), `mask_redraws` int32 `[B]` and `plans` (the
+stacked green_swin plan pytree, leading axis = mask groups, `config.mask.groups`).
 """
 
 from __future__ import annotations
 
 import functools
-import math
 import re
 from collections.abc import Mapping
 
@@ -37,10 +39,10 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from mim_jax import convert, grouping, masking
+from mim_jax import convert, grouping, masking, sharding
+from mim_jax.config_lib import ConfigError
+from mim_jax.methods import norm_pix
 from mim_jax.models import green_swin, layers
-
-NORM_PIX_EPS = 1e-6
 
 # PyTorch name table (convert.SWIN_TABLE format). Encoder rows equal SimMIM Swin's.
 _W = r"(weight|bias)"
@@ -59,29 +61,6 @@ TORCH_TABLE = (
 convert.TABLES["greenmim"] = TORCH_TABLE
 # Official buffers beyond convert.TORCH_BUFFERS: recomputed here (load_torch checks equality).
 TORCH_BUFFERS = (r"^decoder_pos_embed$",)
-
-
-# --- fixed position embedding ----------------------------------------------------------------
-
-
-def _sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
-    omega = np.arange(dim // 2, dtype=np.float64) / (dim / 2.0)
-    omega = 1.0 / 10000**omega
-    out = np.einsum("m,d->md", pos.reshape(-1).astype(np.float64), omega)
-    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
-
-
-@functools.lru_cache(maxsize=16)
-def sincos_pos_embed(dim: int, grid: int) -> np.ndarray:
-    """MAE's `get_2d_sincos_pos_embed(dim, grid)` (no cls token): float32 `[grid**2, dim]`."""
-    if dim % 4:
-        raise ValueError(f"sin-cos position embedding needs dim % 4 == 0, got {dim}")
-    gw, gh = np.meshgrid(np.arange(grid, dtype=np.float32), np.arange(grid, dtype=np.float32))
-    # MAE: grid = meshgrid(grid_w, grid_h); emb_h uses grid[0] (varies along columns).
-    emb = np.concatenate([_sincos_1d(dim // 2, gw), _sincos_1d(dim // 2, gh)], axis=1)
-    emb = emb.astype(np.float32)
-    emb.setflags(write=False)
-    return emb
 
 
 # --- decoder -----------------------------------------------------------------------------------
@@ -202,7 +181,7 @@ class GreenMIMModel(nnx.Module):
 
     @property
     def pos_embed(self) -> np.ndarray:
-        return sincos_pos_embed(self.mask_token.shape[0], self.grid)
+        return layers.sincos_pos_embed(self.mask_token.shape[0], self.grid)
 
     def decode(self, x: jax.Array) -> jax.Array:
         """Placed decoder tokens `[B, L, D]` -> predictions `[B, L, u*u*3]` (adds pos embed)."""
@@ -264,7 +243,15 @@ def load_torch(model: GreenMIMModel, state_dict: Mapping[str, np.ndarray]) -> No
 # --- host-side masks and plans -------------------------------------------------------------------
 
 
+def _stage_values(value):
+    """Config value (int or per-stage tuple; 0 or None = default) -> grouping.plan_specs form."""
+    if isinstance(value, list | tuple):
+        return [v or None for v in value]
+    return value or None
+
+
 def plan_specs_from_config(config: ml_collections.ConfigDict) -> list:
+    """Static plan shapes (grouping.plan_specs) of `config.model` and `config.mask`."""
     m = config.model
     return grouping.plan_specs(
         img_size=m.img_size,
@@ -273,90 +260,106 @@ def plan_specs_from_config(config: ml_collections.ConfigDict) -> list:
         window_size=m.window_size,
         mask_unit=config.mask.patch_size,
         mask_ratio=config.mask.ratio,
-        group_size=config.mask.get("group_size", None),
-        num_groups=config.mask.get("num_groups", None),
+        group_size=_stage_values(config.mask.get("group_size", None)),
+        num_groups=_stage_values(config.mask.get("num_groups", None)),
     )
 
 
 MAX_REDRAWS = 64
+REDRAW_STRIDE = 1 << 24  # Draw k of mask group m uses id m + k * REDRAW_STRIDE.
+GROUP_KEYS = ("plans",)  # Batch pytrees with a leading mask-group axis (sharding.global_batch).
 
 
 def batch_mask_and_plans(
-    seed: int, step: int, *, specs: list, unit_grid: int, mask_ratio: float
-) -> tuple[np.ndarray, green_swin.Plans]:
-    """One batch-wise mask `[L]` (1 = removed) and its plan pytree; mask group id 0.
+    seed: int, step: int, group: int, *, specs: list, unit_grid: int, mask_ratio: float
+) -> tuple[np.ndarray, green_swin.Plans, int]:
+    """Mask group `group`'s batch-wise mask `[L]` (1 = removed), its plans and its redraws.
 
-    A mask whose plan overflows the static shapes is redrawn with group ids 1, 2, ...
-    (deterministic; never needed with the default num_groups bound).
+    A pure function of (seed, step, group). A mask whose plan overflows the static shapes is
+    redrawn (ids `group + k * REDRAW_STRIDE`, k = 1, 2, ...; never needed with the default
+    `num_groups` bound) and the number of redraws is returned so that it can be logged.
     """
     for attempt in range(MAX_REDRAWS):
         mask, _ = masking.batchwise_keep(
-            seed, step, np.array([attempt]), num_units=unit_grid**2, mask_ratio=mask_ratio
+            seed,
+            step,
+            np.array([group + attempt * REDRAW_STRIDE]),
+            num_units=unit_grid**2,
+            mask_ratio=mask_ratio,
         )
         try:
             raw = grouping.plan_mask(1 - mask[0], specs, unit_grid)
         except grouping.PlanOverflow:
             continue
-        return mask[0], green_swin.device_plans(raw)
+        return mask[0], green_swin.device_plans(raw), attempt
     raise grouping.PlanOverflow(f"no plan fits after {MAX_REDRAWS} draws (step {step})")
 
 
-def _add_masks(batch, step, *, seed, specs, unit_grid, mask_ratio):
-    mask, plans = batch_mask_and_plans(
-        seed, step, specs=specs, unit_grid=unit_grid, mask_ratio=mask_ratio
-    )
-    size = np.shape(batch["image"])[0]
-    return {**batch, "unit_mask": np.tile(mask[None], (size, 1)), "plans": plans}
+def _add_masks(batch, step, *, seed, specs, unit_grid, mask_ratio, batch_size, groups, sharded):
+    rows = np.asarray(batch["index"]) % batch_size
+    group_of_row = rows // (batch_size // groups)
+    local = np.unique(group_of_row) if sharded else np.arange(groups)
+    if sharded and len(local) * (batch_size // groups) != len(rows):
+        raise ValueError(
+            f"the host-local batch ({len(rows)} rows) does not hold whole mask groups of "
+            f"{batch_size // groups}; make config.mask.groups a multiple of the host count"
+        )
+    drawn = [
+        batch_mask_and_plans(
+            seed, step, int(m), specs=specs, unit_grid=unit_grid, mask_ratio=mask_ratio
+        )
+        for m in local
+    ]
+    position = {int(m): k for k, m in enumerate(local)}
+    pick = np.array([position[int(m)] for m in group_of_row])
+    masks = np.stack([mask for mask, _, _ in drawn])
+    redraws = np.array([count for _, _, count in drawn], np.int32)
+    return {
+        **batch,
+        "unit_mask": masks[pick],
+        "mask_redraws": redraws[pick],
+        "plans": green_swin.stack_plans([plans for _, plans, _ in drawn]),
+    }
 
 
-def make_batch_transform(config: ml_collections.ConfigDict):
-    """Host-side fn(batch, step) adding `unit_mask` `[B, L]` and `plans` (one mask per batch)."""
+def make_batch_transform(
+    config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None
+) -> functools.partial:
+    """Host-side fn(batch, step) adding `unit_mask` int32 `[B, L]` (1 = removed),
+    `mask_redraws` int32 `[B]` and `plans` (`[M_local, ...]` leaves) for the rows' mask groups.
+
+    Mask group m holds the global batch rows `[m * B / M, (m + 1) * B / M)`; `M` =
+    `config.mask.groups` (0: the number of data-parallel shards of `mesh`; one without a mesh).
+    Runs in the input pipeline, so planning overlaps the device step.
+    """
+    groups = num_mask_groups(config, mesh)
+    sharded = mesh is None or sharding.mask_groups_sharded(groups, mesh)
     return functools.partial(
         _add_masks,
         seed=config.seed,
         specs=plan_specs_from_config(config),
         unit_grid=config.model.img_size // config.mask.patch_size,
         mask_ratio=config.mask.ratio,
+        batch_size=config.batch_size,
+        groups=groups,
+        sharded=sharded,
     )
 
 
-# --- targets and loss ----------------------------------------------------------------------------
+def num_mask_groups(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None) -> int:
+    """`config.mask.groups`, or the data-parallel shard count (1 without a mesh) when it is 0;
+    it must divide the batch."""
+    shards = 1 if mesh is None else sharding.batch_shards(mesh)
+    groups = config.mask.get("groups", 0) or shards
+    if config.batch_size % groups:
+        raise ConfigError(
+            f"config.batch_size={config.batch_size} must be divisible by the mask groups "
+            f"({groups}; config.mask.groups, 0 = data*fsdp)"
+        )
+    return groups
 
 
-def patchify(images: jax.Array, unit: int) -> jax.Array:
-    """`[B, H, W, C]` -> `[B, L, unit*unit*C]`, patches raster order, vector order (p, q, c)."""
-    b, h, w, c = images.shape
-    x = images.reshape(b, h // unit, unit, w // unit, unit, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, (h // unit) * (w // unit), unit * unit * c)
-
-
-def unpatchify(patches: jax.Array, unit: int, channels: int = 3) -> jax.Array:
-    """Inverse of `patchify` for square images."""
-    b, length, _ = patches.shape
-    g = math.isqrt(length)
-    x = patches.reshape(b, g, g, unit, unit, channels).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, g * unit, g * unit, channels)
-
-
-def patch_stats(images: jax.Array, unit: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Patches `[B, L, P]`, their mean and std `sqrt(unbiased var + 1e-6)` `[B, L, 1]`."""
-    patches = patchify(images.astype(jnp.float32), unit)
-    mean = jnp.mean(patches, axis=-1, keepdims=True)
-    var = jnp.var(patches, axis=-1, keepdims=True, ddof=1)
-    return patches, mean, jnp.sqrt(var + NORM_PIX_EPS)
-
-
-def norm_pix_targets(images: jax.Array, unit: int) -> jax.Array:
-    """Per-patch normalized pixels `[B, L, unit*unit*C]` (SPEC 2.7)."""
-    patches, mean, std = patch_stats(images, unit)
-    return (patches - mean) / std
-
-
-def masked_mse(pred: jax.Array, target: jax.Array, unit_mask: jax.Array) -> jax.Array:
-    """Mean over the patch vector, then mean over removed units (`unit_mask` 1)."""
-    per_patch = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=-1)
-    m = unit_mask.astype(jnp.float32)
-    return jnp.sum(per_patch * m) / jnp.sum(m)
+# --- loss and reconstruction -----------------------------------------------------------------
 
 
 def loss_fn(
@@ -364,28 +367,16 @@ def loss_fn(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Norm-pix MSE on removed units; aux holds the metrics."""
     pred = model(batch["image"], batch["plans"], batch["unit_mask"], rngs=rngs)
-    target = norm_pix_targets(batch["image"], model.unit)
-    loss = masked_mse(pred, target, batch["unit_mask"])
-    return loss, {"mse_masked": loss, "mask_fraction": jnp.mean(batch["unit_mask"] * 1.0)}
+    target = norm_pix.norm_pix_targets(batch["image"], model.unit)
+    loss = norm_pix.masked_mse(pred, target, batch["unit_mask"])
+    return loss, {
+        "mse_masked": loss,
+        "mask_fraction": jnp.mean(batch["unit_mask"] * 1.0),
+        "mask_redraws": jnp.mean(batch["mask_redraws"] * 1.0),
+    }
 
 
 def reconstruct(model: GreenMIMModel, batch: dict) -> dict[str, jax.Array]:
-    """Images for the grid in the input's normalized space: input, masked, prediction, pasted.
-
-    Norm-pix predictions are un-normalized with each target patch's mean and std (SPEC 0).
-    """
-    images = batch["image"].astype(jnp.float32)
-    pred = model(batch["image"], batch["plans"], batch["unit_mask"]).astype(jnp.float32)
-    _, mean, std = patch_stats(images, model.unit)
-    channels = images.shape[-1]
-    prediction = unpatchify(pred * std + mean, model.unit, channels)
-    unit_mask = batch["unit_mask"].astype(jnp.float32)
-    pixels = unpatchify(
-        jnp.repeat(unit_mask[..., None], model.unit**2 * channels, axis=-1), model.unit, channels
-    )
-    return {
-        "input": images,
-        "masked": images * (1 - pixels),
-        "prediction": prediction,
-        "pasted": images * (1 - pixels) + prediction * pixels,
-    }
+    """Images for the grid (input, masked, prediction, pasted; norm_pix.reconstruction_grid)."""
+    pred = model(batch["image"], batch["plans"], batch["unit_mask"])
+    return norm_pix.reconstruction_grid(batch["image"], pred, batch["unit_mask"], model.unit)

@@ -2,7 +2,9 @@
 
 The method interface the train loop uses (shared by every method module):
   build_model(config, rngs) -> nnx.Module
-  make_batch_transform(config) -> host-side fn(batch, step) -> batch (adds masks in the pipeline)
+  make_batch_transform(config, mesh=None) -> host-side fn(batch, step) -> batch (adds masks in
+    the pipeline; `mesh` gives the batch layout to methods whose masks follow it)
+  GROUP_KEYS (optional) -> batch keys whose leaves lead with a mask-group axis
   loss_fn(model, batch, rngs) -> (loss, aux) with aux a dict of scalar metrics
   reconstruct(model, batch) -> dict of image arrays for the reconstruction grid
 """
@@ -66,8 +68,11 @@ def _add_masks(
     return {**batch, "mask": generator(step, batch["index"])}
 
 
-def make_batch_transform(config: ml_collections.ConfigDict):
-    """Host-side transform adding `mask` `[B, H/p, W/p]` (deterministic in seed, step, example)."""
+def make_batch_transform(
+    config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None
+) -> functools.partial:
+    """Host-side transform adding `mask` `[B, H/p, W/p]` (deterministic in seed, step, example;
+    per-example masks do not depend on the `mesh`)."""
     return functools.partial(_add_masks, generator=masking.SimMIMMaskGenerator.from_config(config))
 
 

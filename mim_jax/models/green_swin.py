@@ -8,14 +8,18 @@ forward differs:
 - per block, LayerNorm, qkv, output projection and MLP act per token on the flat
   `[batch, N_vis, C]` sequence; only the attention core runs on the grouped layout of the
   block's plan (shifted blocks use the shifted plan, no roll): q, k, v gathered to
-  `[batch, G, heads, g, d]`, bias `table[rel_index] + where(attn_mask, 0, MASK_VALUE)`,
-  attention, scatter back with `slot_of_token`. 'masking' stages (one group holding every
-  visible token) take the same path;
+  `[.., G, heads, g, d]`, bias `table[rel_index] + where(attn_mask, 0, MASK_VALUE)` (both built
+  here from the plan's per-slot vectors), attention, scatter back with `slot_of_token`.
+  'masking' stages (one group holding every visible token) take the same path;
 - sparse patch merging: gather the 4 sub-tokens of each visible coarse cell, concat on
   channels (Swin order x0, x1, x2, x3), then `PatchMerging.merge`;
 - final LayerNorm. Output `[batch, N_vis_last, C_last]` in raster order.
 
-The plan pytree (`device_plans`), for ONE batch-wise mask shared by the batch:
+Mask groups (SPEC 0): the batch holds `M` consecutive slices of `batch / M` examples, slice m
+sharing mask m. Every plan leaf carries the leading `M` axis (`stack_plans`); the index
+operations run per mask group on `[M, batch / M, ...]` views, everything else on the batch.
+
+The plan pytree of ONE mask (`device_plans`; `stack_plans` adds the leading `M` axis):
 
     {"visible": int32 [N_vis_1],             # raster index on the stage-1 grid
      "stages": [                             # one dict per stage
@@ -23,7 +27,7 @@ The plan pytree (`device_plans`), for ONE batch-wise mask shared by the batch:
          "merge": int32 [N_vis_next, 4]},    # every stage but the last
      ...]}
     parity = {"gather": int32 [G*g], "slot_of_token": int32 [N_vis],
-              "attn_mask": bool [G, g, g], "rel_index": int32 [G, g, g]}
+              "slot_window": int32 [G, g], "slot_pos": int32 [G, g]}   # grouping.StagePlan
 
 All shapes are static for a config (grouping.plan_specs), so masks change without recompiling.
 """
@@ -41,19 +45,27 @@ from mim_jax import grouping
 from mim_jax.models import layers, swin
 
 Plans = dict[str, Any]
-_ATTN_KEYS = ("gather", "slot_of_token", "attn_mask", "rel_index")
+
+
+def _attn_plan(plan: grouping.StagePlan) -> Plans:
+    """The per-slot vectors of one plan; window ids and positions shaped `[G, g]`."""
+    shape = (-1, plan.group_size)
+    return {
+        "gather": plan.gather,
+        "slot_of_token": plan.slot_of_token,
+        "slot_window": plan.slot_window.reshape(shape),
+        "slot_pos": plan.slot_pos.reshape(shape),
+    }
 
 
 def device_plans(plan_list: list[list[grouping.StagePlan]]) -> Plans:
-    """`grouping.plan_mask` output -> the model's plan pytree of numpy arrays (module doc)."""
+    """`grouping.plan_mask` output (one mask) -> the model's plan pytree of numpy arrays."""
     first = plan_list[0][0]
     if first.coords is None:
         raise ValueError("plans need their coords (build them with grouping.stage_plan)")
     stages = []
     for i, stage in enumerate(plan_list):
-        entry: dict[str, Any] = {
-            "attn": [{key: np.asarray(getattr(p, key)) for key in _ATTN_KEYS} for p in stage]
-        }
+        entry: dict[str, Any] = {"attn": [_attn_plan(p) for p in stage]}
         if i + 1 < len(plan_list):
             entry["merge"] = grouping.merge_gather(
                 stage[0].coords, stage[0].resolution, plan_list[i + 1][0].coords
@@ -65,23 +77,41 @@ def device_plans(plan_list: list[list[grouping.StagePlan]]) -> Plans:
     }
 
 
+def stack_plans(plans: list[Plans]) -> Plans:
+    """Plan pytrees of M masks -> one pytree whose leaves have a leading `M` axis."""
+    return jax.tree.map(lambda *leaves: np.stack(leaves), *plans)
+
+
+def _groups(x: jax.Array, num_masks: int) -> jax.Array:
+    """`[batch, ...]` -> `[M, batch / M, ...]` (slice m shares mask m)."""
+    return x.reshape(num_masks, x.shape[0] // num_masks, *x.shape[1:])
+
+
+def take_tokens(x: jax.Array, index: jax.Array) -> jax.Array:
+    """Per mask group token gather: `x [batch, N, ...]`, `index [M, K]` -> `[batch, K, ...]`."""
+    num_masks = index.shape[0]
+    out = jax.vmap(lambda xm, im: jnp.take(xm, im, axis=1))(_groups(x, num_masks), index)
+    return out.reshape(x.shape[0], *out.shape[2:])
+
+
 def grouped_attention(attn: swin.WindowAttention, x: jax.Array, plan: Plans) -> jax.Array:
     """Window attention of flat tokens `x [batch, N, C]` through one plan -> `[batch, N, C]`."""
     batch, _, channels = x.shape
-    num_groups, g, _ = plan["attn_mask"].shape
-    gather = plan["gather"]
+    num_masks, num_groups, g = plan["slot_window"].shape
+    slots = num_groups * g
 
-    def grouped(t: jax.Array) -> jax.Array:  # [B, heads, N, d] -> [B, G, heads, g, d]
-        t = jnp.take(t, gather, axis=2)
-        t = t.reshape(batch, t.shape[1], num_groups, g, t.shape[-1])
-        return jnp.swapaxes(t, 1, 2)
+    def grouped(t: jax.Array) -> jax.Array:  # [B, heads, N, d] -> [M, B/M, G, heads, g, d]
+        t = take_tokens(jnp.swapaxes(t, 1, 2), plan["gather"])  # [B, S, heads, d]
+        t = _groups(t, num_masks).reshape(num_masks, -1, num_groups, g, *t.shape[2:])
+        return jnp.swapaxes(t, 3, 4)
 
     q, k, v = (grouped(t) for t in attn.qkv_heads(x))
-    mask = jnp.where(plan["attn_mask"], 0.0, layers.MASK_VALUE).astype(jnp.float32)
-    bias = attn.position_bias(plan["rel_index"]) + mask[:, None]  # [G, heads, g, g]
-    out = attn.output(layers.dot_product_attention(q, k, v, bias))  # [B, G, g, C]
-    out = out.reshape(batch, num_groups * g, channels)
-    return jnp.take(out, plan["slot_of_token"], axis=1)
+    mask = grouping.group_attention_mask(plan["slot_window"])  # [M, G, g, g]
+    rel = grouping.group_relative_index(plan["slot_pos"], mask, attn.window_size, jnp)
+    bias = attn.position_bias(rel) + jnp.where(mask, 0.0, layers.MASK_VALUE)[:, :, None]
+    out = attn.output(layers.dot_product_attention(q, k, v, bias[:, None]))  # [M, b, G, g, C]
+    out = out.reshape(batch, slots, channels)
+    return take_tokens(out, plan["slot_of_token"])
 
 
 def green_block(
@@ -96,14 +126,14 @@ def green_block(
 
 
 def sparse_merge(merging: layers.PatchMerging, x: jax.Array, merge: jax.Array) -> jax.Array:
-    """Sparse PatchMerging: `x [batch, N, C]`, `merge [N_next, 4]` -> `[batch, N_next, 2C]`."""
+    """Sparse PatchMerging: `x [batch, N, C]`, `merge [M, N_next, 4]` -> `[batch, N_next, 2C]`."""
     batch, _, channels = x.shape
-    x = jnp.take(x, merge.reshape(-1), axis=1).reshape(batch, merge.shape[0], 4 * channels)
-    return merging.merge(x)
+    x = take_tokens(x, merge.reshape(merge.shape[0], -1))
+    return merging.merge(x.reshape(batch, merge.shape[1], 4 * channels))
 
 
 class GreenSwinTransformer(swin.SwinTransformer):
-    """Swin encoder on the visible tokens of one batch-wise mask (module docstring)."""
+    """Swin encoder on the visible tokens of `M` batch-wise masks (module docstring)."""
 
     def __init__(self, **kwargs: Any):
         if kwargs.pop("use_mask_token", False):
@@ -112,6 +142,8 @@ class GreenSwinTransformer(swin.SwinTransformer):
 
     def _check(self, plans: Plans) -> None:
         stages = plans["stages"]
+        if np.ndim(plans["visible"]) != 2:
+            raise ValueError("plans need a leading mask-group axis (green_swin.stack_plans)")
         if len(stages) != len(self.layers):
             raise ValueError(f"plans have {len(stages)} stages, the model {len(self.layers)}")
         for i, (stage, entry) in enumerate(zip(self.layers, stages, strict=True)):
@@ -131,13 +163,16 @@ class GreenSwinTransformer(swin.SwinTransformer):
     ) -> jax.Array | tuple[jax.Array, list[jax.Array]]:
         """images `[batch, H, W, 3]` -> `[batch, N_vis_last, C_last]` (after the final norm).
 
+        `plans` is the stacked plan pytree of `M` masks (`M` divides the batch; slice m of
+        `batch / M` consecutive examples uses mask m).
+
         With `return_stages`, also every stage's block output before its patch merging,
         `[batch, N_vis_i, C_i]` in raster order (the last one before the final norm).
         """
         self._check(plans)
         x = self.embed(images)
         x = x.reshape(x.shape[0], -1, x.shape[-1])
-        x = layers.constrain_batch(jnp.take(x, plans["visible"], axis=1))
+        x = layers.constrain_batch(take_tokens(x, plans["visible"]))
         outputs = []
         for stage, entry in zip(self.layers, plans["stages"], strict=True):
             for block in stage.blocks:

@@ -234,3 +234,23 @@ def constrain_batch(x: jax.Array) -> jax.Array:
         return x
     spec = jax.sharding.PartitionSpec(axes, *([None] * (x.ndim - 1)))
     return jax.lax.with_sharding_constraint(x, spec)
+
+
+def _sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
+    omega = np.arange(dim // 2, dtype=np.float64) / (dim / 2.0)
+    omega = 1.0 / 10000**omega
+    out = np.einsum("m,d->md", pos.reshape(-1).astype(np.float64), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+@functools.lru_cache(maxsize=16)
+def sincos_pos_embed(dim: int, grid: int) -> np.ndarray:
+    """MAE's `get_2d_sincos_pos_embed(dim, grid)` (no cls token): float32 `[grid**2, dim]`."""
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs dim % 4 == 0, got {dim}")
+    gw, gh = np.meshgrid(np.arange(grid, dtype=np.float32), np.arange(grid, dtype=np.float32))
+    # MAE: grid = meshgrid(grid_w, grid_h); emb_h uses grid[0] (varies along columns).
+    emb = np.concatenate([_sincos_1d(dim // 2, gw), _sincos_1d(dim // 2, gh)], axis=1)
+    emb = emb.astype(np.float32)
+    emb.setflags(write=False)
+    return emb

@@ -1,0 +1,68 @@
+"""MAE-style pixel targets shared by GreenMIM and iTPN (SPEC 2.7, 3.3): patchify, per-patch
+normalized pixels (unbiased variance + 1e-6), MSE on removed patches, and the reconstruction
+grid that un-normalizes norm-pix predictions with each target patch's mean and std (SPEC 0)."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+NORM_PIX_EPS = 1e-6
+
+
+def patchify(images: jax.Array, unit: int) -> jax.Array:
+    """`[B, H, W, C]` -> `[B, L, unit*unit*C]`, patches raster order, vector order (p, q, c)."""
+    b, h, w, c = images.shape
+    x = images.reshape(b, h // unit, unit, w // unit, unit, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, (h // unit) * (w // unit), unit * unit * c)
+
+
+def unpatchify(patches: jax.Array, unit: int, channels: int = 3) -> jax.Array:
+    """Inverse of `patchify` for square images."""
+    b, length, _ = patches.shape
+    g = math.isqrt(length)
+    x = patches.reshape(b, g, g, unit, unit, channels).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, g * unit, g * unit, channels)
+
+
+def patch_stats(images: jax.Array, unit: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Patches `[B, L, P]`, their mean and std `sqrt(unbiased var + 1e-6)` `[B, L, 1]`."""
+    patches = patchify(images.astype(jnp.float32), unit)
+    mean = jnp.mean(patches, axis=-1, keepdims=True)
+    var = jnp.var(patches, axis=-1, keepdims=True, ddof=1)
+    return patches, mean, jnp.sqrt(var + NORM_PIX_EPS)
+
+
+def norm_pix_targets(images: jax.Array, unit: int) -> jax.Array:
+    """Per-patch normalized pixels `[B, L, unit*unit*C]` (SPEC 2.7)."""
+    patches, mean, std = patch_stats(images, unit)
+    return (patches - mean) / std
+
+
+def masked_mse(pred: jax.Array, target: jax.Array, unit_mask: jax.Array) -> jax.Array:
+    """Mean over the patch vector, then mean over removed units (`unit_mask` 1)."""
+    per_patch = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=-1)
+    m = unit_mask.astype(jnp.float32)
+    return jnp.sum(per_patch * m) / jnp.sum(m)
+
+
+def reconstruction_grid(
+    images: jax.Array, pred: jax.Array, unit_mask: jax.Array, unit: int
+) -> dict[str, jax.Array]:
+    """Images `[B, H, W, C]`, norm-pix predictions `[B, L, unit*unit*C]` and the removed-unit
+    mask `[B, L]` -> input, masked input, un-normalized prediction and prediction pasted into
+    the removed units, all in the input's normalized space."""
+    images = images.astype(jnp.float32)
+    _, mean, std = patch_stats(images, unit)
+    channels = images.shape[-1]
+    prediction = unpatchify(pred.astype(jnp.float32) * std + mean, unit, channels)
+    removed = unit_mask.astype(jnp.float32)[..., None]
+    pixels = unpatchify(jnp.repeat(removed, unit**2 * channels, axis=-1), unit, channels)
+    return {
+        "input": images,
+        "masked": images * (1 - pixels),
+        "prediction": prediction,
+        "pasted": images * (1 - pixels) + prediction * pixels,
+    }
