@@ -12,6 +12,12 @@ A table, one line per variant:
     python benchmarks/step.py --config=configs/simmim.py:$v --batch=8 --steps=3
   done > step.jsonl
 
+Two configs in one run (the second is the baseline; ratios are this / baseline), e.g. the
+cost of iTPN's masked feature modeling over the pixel loss alone:
+
+  python benchmarks/step.py --config=configs/itpn.py:base_pixel_mfm \
+      --baseline=configs/itpn.py:base_pixel --ratio_key=mfm_overhead_ratio --batch=8 --steps=3
+
 The step is the train loop's own (`train.setup(...).train_step`: loss, grads, AdamW, metrics,
 donated state), so any method works through the same interface: `build_model`,
 `make_batch_transform` and `loss_fn`. No data is read: the batch is random-normal images of
@@ -26,6 +32,9 @@ Keys:
   compile_s               lowering + compilation of the step.
   step_s, img_per_s       median over --steps timed steps after --warmup steps.
   flops_per_s             flops / step_s (all devices).
+  baseline, <ratio_key>, flops_ratio, temp_memory_ratio
+                          with --baseline: its record, and step time / FLOPs / temp memory
+                          of --config over the baseline's.
   matmul_flops_per_s      achieved FLOP/s of one dense [N, N] x [N, N] matmul per device in the
                           compute dtype (config.dtype), all devices at once; N grows until one
                           call takes >= 50 ms. matmul_fraction = flops_per_s / matmul_flops_per_s.
@@ -58,6 +67,15 @@ from mim_jax import config_lib, sharding, train
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally with ':variant[,key=value...]'.", lock_config=True
+)
+config_flags.DEFINE_config_file(
+    "baseline",
+    None,
+    "Optional second config, measured in the same run; adds ratios (this / baseline).",
+    lock_config=True,
+)
+flags.DEFINE_string(
+    "ratio_key", "step_time_ratio", "Key of the step-time ratio (e.g. mfm_overhead_ratio)."
 )
 flags.DEFINE_integer("batch", 0, "Global batch size; overrides config.batch_size when > 0.")
 flags.DEFINE_integer("steps", 10, "Timed train steps (the median is reported).")
@@ -208,19 +226,35 @@ def benchmark(config: ml_collections.ConfigDict, variant: str) -> dict[str, obje
     }
 
 
+def _variant(name: str) -> str:
+    """The config file, variant and overrides of flag `name`, for the record."""
+    variant = config_flags.get_config_filename(FLAGS[name])
+    overrides = config_flags.get_override_values(FLAGS[name])
+    if overrides:
+        variant += " " + " ".join(f"--{name}.{k}={v}" for k, v in sorted(overrides.items()))
+    return variant
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.getLogger().setLevel(logging.INFO)
     sharding.initialize_distributed()
-    config = FLAGS.config
-    if FLAGS.batch > 0:
-        config.batch_size = FLAGS.batch
-    variant = config_flags.get_config_filename(FLAGS["config"])
-    overrides = config_flags.get_override_values(FLAGS["config"])
-    if overrides:
-        variant += " " + " ".join(f"--config.{k}={v}" for k, v in sorted(overrides.items()))
-    record = benchmark(config, variant)
+    configs = [("config", FLAGS.config)]
+    if FLAGS.baseline is not None:
+        configs.append(("baseline", FLAGS.baseline))
+    records = []
+    for name, config in configs:
+        if FLAGS.batch > 0:
+            config.batch_size = FLAGS.batch
+        records.append(benchmark(config, _variant(name)))
+    record = records[0]
+    if len(records) == 2:
+        base = records[1]
+        record["baseline"] = base
+        record[FLAGS.ratio_key] = record["step_s"] / base["step_s"]
+        record["flops_ratio"] = record["flops"] / base["flops"]
+        record["temp_memory_ratio"] = record["temp_bytes"] / base["temp_bytes"]
     if jax.process_index() == 0:
         print(json.dumps(record), flush=True)
 

@@ -29,30 +29,13 @@ from mim_jax import config_lib
 VARIANTS = ("swin_base_224", "swin_base_224_win14", "swin_large_224_win14", "quickstart")
 
 
-def _swin(embed_dim: int, num_heads: tuple[int, ...], window_size: int) -> dict:
-    return dict(
-        name="swin",
-        img_size=224,
-        patch_size=4,
-        in_chans=3,
-        embed_dim=embed_dim,
-        depths=(2, 2, 18, 2),
-        num_heads=num_heads,
-        window_size=window_size,
-        mlp_ratio=4.0,
-        qkv_bias=True,
-        drop_path_rate=0.0,
-        norm_eps=1e-6,
-    )
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """Returns the GreenMIM config for `arg` = 'variant[,key=value,...]'."""
     variant, pairs = config_lib.parse_arg(arg, VARIANTS)
     variant = variant or "swin_base_224"
     c = config_lib.base_config()
     c.method = "greenmim"
-    c.model = ml_collections.ConfigDict(_swin(128, (4, 8, 16, 32), 7))
+    c.model = config_lib.swin_model(128, (4, 8, 16, 32), 7, img_size=224, norm_eps=1e-6)
     c.mask = ml_collections.ConfigDict(
         dict(patch_size=32, ratio=0.75, groups=0, group_size=0, num_groups=0)
     )
@@ -77,24 +60,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.window_size = 14
         c.optim.base_lr = 1.5e-4
     elif variant == "swin_large_224_win14":
-        c.model = ml_collections.ConfigDict(_swin(192, (6, 12, 24, 48), 14))
+        c.model = config_lib.swin_model(192, (6, 12, 24, 48), 14, img_size=224, norm_eps=1e-6)
     elif variant == "quickstart":
         c.model.update(
             img_size=96, embed_dim=64, depths=(2, 2, 2), num_heads=(2, 4, 8), window_size=6
         )
         c.mask.patch_size = 16
         c.decoder.update(embed_dim=128, num_heads=4)
-        c.data.source = "bundled"
-        c.data.num_examples = 4096
-        c.data.num_workers = 2
-        c.batch_size = 32
-        c.total_steps = 600
-        c.optim.base_lr = 1e-3
-        c.optim.lr_batch_base = 32
-        c.optim.warmup_epochs = 0.5
-        c.log_every_steps = 20
-        c.checkpoint_every_steps = 200
-        c.image_every_steps = 200
-        c.num_images = 8
+        config_lib.quickstart_run(c, lr=1e-3)
     config_lib.apply_pairs(c, pairs)
     return c

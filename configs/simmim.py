@@ -29,23 +29,6 @@ VARIANTS = (
 )
 
 
-def _swin(embed_dim: int, num_heads: tuple[int, ...], window_size: int) -> dict:
-    return dict(
-        name="swin",
-        img_size=192,
-        patch_size=4,
-        in_chans=3,
-        embed_dim=embed_dim,
-        depths=(2, 2, 18, 2),
-        num_heads=num_heads,
-        window_size=window_size,
-        mlp_ratio=4.0,
-        qkv_bias=True,
-        drop_path_rate=0.0,
-        norm_eps=1e-5,
-    )
-
-
 def _vit_base() -> dict:
     return dict(
         name="vit",
@@ -80,13 +63,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     variant = variant or "swin_base_192"
     c = config_lib.base_config()
     c.method = "simmim"
-    c.model = ml_collections.ConfigDict(_swin(128, (4, 8, 16, 32), 6))
+    c.model = config_lib.swin_model(128, (4, 8, 16, 32), 6, img_size=192, norm_eps=1e-5)
     c.mask = ml_collections.ConfigDict(dict(patch_size=32, ratio=0.6))
 
     if variant == "swin_base_192_800ep":
         _multistep_800ep(c)
     elif variant == "swin_large_192_800ep":
-        c.model = ml_collections.ConfigDict(_swin(192, (6, 12, 24, 48), 12))
+        c.model = config_lib.swin_model(192, (6, 12, 24, 48), 12, img_size=192, norm_eps=1e-5)
         _multistep_800ep(c)
     elif variant == "vit_base_224":
         c.model = ml_collections.ConfigDict(_vit_base())
@@ -98,19 +81,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.depths = (2, 2, 2)
         c.model.num_heads = (2, 4, 8)
         c.model.window_size = 6
-        c.data.source = "bundled"
-        c.data.num_examples = 4096
-        c.data.num_workers = 2
-        c.batch_size = 32
-        c.total_steps = 600
-        c.optim.base_lr = 8e-4
-        c.optim.lr_batch_base = 32
-        c.optim.warmup_epochs = 0.5
+        config_lib.quickstart_run(c, lr=8e-4)
         c.optim.warmup_lr = 1e-6
         c.optim.min_lr = 1e-5
-        c.log_every_steps = 20
-        c.checkpoint_every_steps = 200
-        c.image_every_steps = 200
-        c.num_images = 8
     config_lib.apply_pairs(c, pairs)
     return c

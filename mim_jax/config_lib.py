@@ -97,6 +97,46 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def swin_model(
+    embed_dim: int, num_heads: tuple[int, ...], window_size: int, *, img_size: int, norm_eps: float
+) -> ml_collections.ConfigDict:
+    """`config.model` of a patch-4, depths 2-2-18-2 Swin (B: 128-d, L: 192-d)."""
+    return ml_collections.ConfigDict(
+        dict(
+            name="swin",
+            img_size=img_size,
+            patch_size=4,
+            in_chans=3,
+            embed_dim=embed_dim,
+            depths=(2, 2, 18, 2),
+            num_heads=num_heads,
+            window_size=window_size,
+            mlp_ratio=4.0,
+            qkv_bias=True,
+            drop_path_rate=0.0,
+            norm_eps=norm_eps,
+        )
+    )
+
+
+def quickstart_run(c: ml_collections.ConfigDict, *, lr: float) -> None:
+    """The CPU smoke-run settings shared by the `quickstart` variants: bundled photos, batch 32,
+    600 steps at `lr` (warmup half an epoch), logs every 20 steps, checkpoints and
+    reconstruction grids every 200."""
+    c.data.source = "bundled"
+    c.data.num_examples = 4096
+    c.data.num_workers = 2
+    c.batch_size = 32
+    c.total_steps = 600
+    c.optim.base_lr = lr
+    c.optim.lr_batch_base = 32
+    c.optim.warmup_epochs = 0.5
+    c.log_every_steps = 20
+    c.checkpoint_every_steps = 200
+    c.image_every_steps = 200
+    c.num_images = 8
+
+
 def parse_arg(arg: str | None, variants: tuple[str, ...]) -> tuple[str, dict[str, str]]:
     """Parses `variant[,key=value...]` strictly; returns the variant and the key/value pairs."""
     if not arg:

@@ -343,13 +343,13 @@ def merge_gather(
     concatenation order x0 = (0, 0), x1 = (1, 0), x2 = (0, 1), x3 = (1, 1) as (row, col)
     offsets. Raises ValueError if a sub-token is not visible (mask unit not aligned).
     """
-    lookup = np.full((fine_resolution, fine_resolution), -1, np.int64)
     fine = np.asarray(fine_coords, np.int64)
-    lookup[fine[:, 0], fine[:, 1]] = np.arange(len(fine))
+    fine_linear = fine[:, 0] * fine_resolution + fine[:, 1]  # Increasing: raster order.
     offsets = np.array([(0, 0), (1, 0), (0, 1), (1, 1)], np.int64)
     sub = 2 * np.asarray(coarse_coords, np.int64)[:, None, :] + offsets  # [N_coarse, 4, 2]
-    index = lookup[sub[..., 0], sub[..., 1]]
-    if (index < 0).any():
+    sub_linear = sub[..., 0] * fine_resolution + sub[..., 1]
+    index = np.minimum(np.searchsorted(fine_linear, sub_linear), len(fine_linear) - 1)
+    if (fine_linear[index] != sub_linear).any():
         raise ValueError("a visible coarse cell has a masked sub-token (SPEC 2.2 alignment)")
     return index.astype(np.int32)
 
@@ -373,8 +373,10 @@ def plan_mask(
 ) -> list[list[StagePlan]]:
     """Plans of every stage and parity (shaped like `specs`) for one batch-wise keep mask."""
     plans = []
-    for stage in specs:
-        coords = visible_coords(keep_units, unit_grid, stage[0].resolution)
+    coords = visible_coords(keep_units, unit_grid, specs[0][0].resolution)
+    for i, stage in enumerate(specs):
+        if i:  # A coarse cell is visible iff its top-left sub-token is (aligned mask units).
+            coords = coords[((coords[:, 0] | coords[:, 1]) & 1) == 0] >> 1
         plans.append([stage_plan(coords, spec) for spec in stage])
     return plans
 

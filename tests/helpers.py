@@ -16,14 +16,8 @@ def load_config(file: str, arg: str = "") -> ml_collections.ConfigDict:
     return module.get_config(arg)
 
 
-def tiny_simmim_config(**overrides) -> ml_collections.ConfigDict:
-    """A 2-stage Swin (8x8 then 4x4 tokens, window 4: one shifted stage) on 32 px bundled crops;
-    every sharded dimension divides 8."""
-    c = load_config("simmim", "quickstart")
-    c.model.update(
-        img_size=32, patch_size=4, embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=4
-    )
-    c.mask.patch_size = 16
+def _tiny_run(c: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
+    """Batch 16, 4 steps, in-process synchronous data, logs every step, then `overrides`."""
     c.batch_size = 16
     c.total_steps = 4
     c.data.num_workers = 0
@@ -36,6 +30,17 @@ def tiny_simmim_config(**overrides) -> ml_collections.ConfigDict:
     c.num_images = 2
     c.update_from_flattened_dict(overrides)
     return c
+
+
+def tiny_simmim_config(**overrides) -> ml_collections.ConfigDict:
+    """A 2-stage Swin (8x8 then 4x4 tokens, window 4: one shifted stage) on 32 px bundled crops;
+    every sharded dimension divides 8."""
+    c = load_config("simmim", "quickstart")
+    c.model.update(
+        img_size=32, patch_size=4, embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=4
+    )
+    c.mask.patch_size = 16
+    return _tiny_run(c, overrides)
 
 
 def tiny_greenmim_config(**overrides) -> ml_collections.ConfigDict:
@@ -47,15 +52,4 @@ def tiny_greenmim_config(**overrides) -> ml_collections.ConfigDict:
     )
     c.mask.patch_size = 8
     c.decoder.update(embed_dim=16, num_heads=2)
-    c.batch_size = 16
-    c.total_steps = 4
-    c.data.num_workers = 0
-    c.data.prefetch = 0
-    c.data.num_examples = 64
-    c.async_checkpointing = False
-    c.log_every_steps = 1
-    c.image_every_steps = 1000
-    c.checkpoint_every_steps = 1000
-    c.num_images = 2
-    c.update_from_flattened_dict(overrides)
-    return c
+    return _tiny_run(c, overrides)
