@@ -12,9 +12,10 @@ per mask group (`mask.groups`, 0 = one per data-parallel shard, as the official 
 one per GPU), RandomResizedCrop(scale 0.2-1, bicubic) + flip, AdamW betas (0.9, 0.95), wd
 0.05 (none on 1-D params, biases, position bias tables, tokens), lr = blr * batch / 256,
 40 warmup epochs then a half-cycle cosine to 0 per step, no gradient clipping.
-Group plans (SPEC 0): `mask.group_size` 0 = window**2 per stage, `mask.num_groups` 0 =
-ceil(2 * visible / group_size), the bound that never needs a redraw; both also take one
-value per stage as a tuple.
+Group plans (SPEC 0): `mask.group_size` and `mask.num_groups` hold one value per stage
+(e.g. `--config.mask.num_groups='(21, 5, 0, 0)'`); 0 = window**2 and ceil(2 * visible /
+group_size), the bound that never needs a redraw. Masks that overflow a smaller count are
+redrawn deterministically and counted (`mask_redraws`).
 
 Launch:
   python -m mim_jax.main --config=configs/greenmim.py:quickstart --workdir=/tmp/green
@@ -37,7 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.method = "greenmim"
     c.model = config_lib.swin_model(128, (4, 8, 16, 32), 7, img_size=224, norm_eps=1e-6)
     c.mask = ml_collections.ConfigDict(
-        dict(patch_size=32, ratio=0.75, groups=0, group_size=0, num_groups=0)
+        dict(patch_size=32, ratio=0.75, groups=0, group_size=(0, 0, 0, 0), num_groups=(0, 0, 0, 0))
     )
     c.decoder = ml_collections.ConfigDict(
         dict(embed_dim=512, depth=1, num_heads=16, mlp_ratio=4.0, norm_eps=1e-6)
@@ -65,7 +66,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.update(
             img_size=96, embed_dim=64, depths=(2, 2, 2), num_heads=(2, 4, 8), window_size=6
         )
-        c.mask.patch_size = 16
+        c.mask.update(patch_size=16, group_size=(0, 0, 0), num_groups=(0, 0, 0))
         c.decoder.update(embed_dim=128, num_heads=4)
         config_lib.quickstart_run(c, lr=1e-3)
     config_lib.apply_pairs(c, pairs)

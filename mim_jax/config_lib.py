@@ -288,6 +288,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
                 f"final-stage patch {final_patch} (GreenMIM masks whole stage-4 tokens)",
             )
             _check(c.mask.groups >= 0, f"config.mask.groups={c.mask.groups} must be >= 0")
+            for key in ("group_size", "num_groups"):
+                value = tuple(c.mask[key])
+                _check(
+                    len(value) == len(m.depths) and all(v >= 0 for v in value),
+                    f"config.mask.{key}={value} needs one value >= 0 per stage "
+                    f"({len(m.depths)}; 0 = default)",
+                )
     elif m.name == "vit":
         _check(
             m.img_size % m.patch_size == 0,

@@ -50,6 +50,6 @@ def tiny_greenmim_config(**overrides) -> ml_collections.ConfigDict:
     c.model.update(
         img_size=32, patch_size=2, embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=4
     )
-    c.mask.patch_size = 8
+    c.mask.update(patch_size=8, group_size=(0, 0), num_groups=(0, 0))
     c.decoder.update(embed_dim=16, num_heads=2)
     return _tiny_run(c, overrides)

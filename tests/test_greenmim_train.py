@@ -10,7 +10,7 @@ from flax import nnx
 from helpers import tiny_greenmim_config
 from test_train import _interrupt_after, _InterruptedError
 
-from mim_jax import checkpoint, pytree, sharding, train
+from mim_jax import checkpoint, config_lib, pytree, sharding, train
 from mim_jax.data import input as data_input
 from mim_jax.methods import greenmim
 
@@ -63,6 +63,16 @@ def test_mask_groups_must_divide_the_batch():
     config = tiny_greenmim_config(**{"mask.groups": 3})
     with pytest.raises(Exception, match="divisible by the mask groups"):
         train.setup(config, sharding.make_mesh(config.mesh), num_examples=64)
+
+
+def test_per_stage_group_counts_from_the_config():
+    config = tiny_greenmim_config(**{"mask.num_groups": (3, 0)})
+    specs = greenmim.plan_specs_from_config(config)
+    assert specs[0][0].num_groups == 3 and specs[1][0].num_groups == 1
+    config_lib.validate(config)
+    config.mask.num_groups = (3, 0, 0)
+    with pytest.raises(config_lib.ConfigError, match="one value >= 0 per stage"):
+        config_lib.validate(config)
 
 
 def test_one_compilation_over_50_steps_of_different_masks():
