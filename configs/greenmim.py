@@ -45,16 +45,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     c.batch_size = 2048
     c.num_epochs = 800
-    c.data.crop_scale = (0.2, 1.0)
-    c.data.interpolation = "bicubic"
-    c.optim.schedule = "half_cosine"
-    c.optim.base_lr = 1e-4
-    c.optim.lr_batch_base = 256
-    c.optim.min_lr = 0.0
-    c.optim.warmup_epochs = 40.0
-    c.optim.b2 = 0.95
-    c.optim.weight_decay = 0.05
-    c.optim.grad_clip = 0.0
+    config_lib.mae_recipe(c, base_lr=1e-4)
     c.optim.no_decay_keywords = ("position_bias", "token")
 
     if variant == "swin_base_224_win14":

@@ -119,6 +119,22 @@ def swin_model(
     )
 
 
+def mae_recipe(c: ml_collections.ConfigDict, *, base_lr: float) -> None:
+    """MAE's pretraining recipe (GreenMIM, iTPN pixel; SPEC 2.8, 3.3): RandomResizedCrop(0.2-1,
+    bicubic), AdamW (0.9, 0.95), wd 0.05, lr = `base_lr` * batch / 256, 40 warmup epochs then a
+    per-step half-cycle cosine to 0, no gradient clipping."""
+    c.data.crop_scale = (0.2, 1.0)
+    c.data.interpolation = "bicubic"
+    c.optim.schedule = "half_cosine"
+    c.optim.base_lr = base_lr
+    c.optim.lr_batch_base = 256
+    c.optim.min_lr = 0.0
+    c.optim.warmup_epochs = 40.0
+    c.optim.b2 = 0.95
+    c.optim.weight_decay = 0.05
+    c.optim.grad_clip = 0.0
+
+
 def quickstart_run(c: ml_collections.ConfigDict, *, lr: float) -> None:
     """The CPU smoke-run settings shared by the `quickstart` variants: bundled photos, batch 32,
     600 steps at `lr` (warmup half an epoch), logs every 20 steps, checkpoints and
