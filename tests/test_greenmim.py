@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import load_config
 
 from mim_jax import convert, grouping, pytree
 from mim_jax.methods import greenmim, norm_pix
@@ -258,6 +259,28 @@ def test_redraws_are_deterministic_and_counted():
     # Group ids are independent of the redraws of other groups.
     first = greenmim.batch_mask_and_plans(0, 0, 0, specs=specs, unit_grid=7, mask_ratio=0.75)
     np.testing.assert_array_equal(first[0], outs[0]["unit_mask"][0])
+
+
+@pytest.mark.parametrize("variant", ["swin_base_224", "swin_base_224_win14"])
+def test_paper_configs_group_counts_rarely_redraw(variant):
+    """The tightened static group counts of the Swin-B configs overflow for at most a few masks
+    in 1000, and never with the provable default bound (num_groups 0)."""
+    config = load_config("greenmim", variant)
+    unit_grid = config.model.img_size // config.mask.patch_size
+    loose = ml_collections.ConfigDict(config.to_dict())
+    loose.mask.num_groups = (0, 0, 0, 0)
+
+    def redraws(cfg):
+        specs = greenmim.plan_specs_from_config(cfg)
+        return sum(
+            greenmim.batch_mask_and_plans(
+                7, step, 0, specs=specs, unit_grid=unit_grid, mask_ratio=cfg.mask.ratio
+            )[2]
+            for step in range(1000)
+        )
+
+    assert redraws(config) <= 5
+    assert redraws(loose) == 0
 
 
 def test_reconstruct_unnormalizes_targets():

@@ -4,7 +4,8 @@
 same parameter tree, so a GreenMIM checkpoint loads into the dense Swin unchanged. Only the
 forward differs:
 
-- the patch embedding runs on the full image; the visible tokens are gathered in raster order;
+- the visible patches are gathered (raster order) and only they are embedded (the patch conv
+  as a matmul, `layers.PatchEmbed.embed_patches`);
 - per block, LayerNorm, qkv, output projection and MLP act per token on the flat
   `[batch, N_vis, C]` sequence; only the attention core runs on the grouped layout of the
   block's plan (shifted blocks use the shifted plan, no roll): q, k, v gathered to
@@ -95,23 +96,23 @@ def take_tokens(x: jax.Array, index: jax.Array) -> jax.Array:
 
 
 def grouped_attention(attn: swin.WindowAttention, x: jax.Array, plan: Plans) -> jax.Array:
-    """Window attention of flat tokens `x [batch, N, C]` through one plan -> `[batch, N, C]`."""
+    """Window attention of flat tokens `x [batch, N, C]` through one plan -> `[batch, N, C]`.
+
+    Only the attention core sees the padded `[G, g]` layout: the qkv projection runs on the N
+    tokens before the gather and the output projection after the scatter back.
+    """
     batch, _, channels = x.shape
     num_masks, num_groups, g = plan["slot_window"].shape
-    slots = num_groups * g
-
-    def grouped(t: jax.Array) -> jax.Array:  # [B, heads, N, d] -> [M, B/M, G, heads, g, d]
-        t = take_tokens(jnp.swapaxes(t, 1, 2), plan["gather"])  # [B, S, heads, d]
-        t = _groups(t, num_masks).reshape(num_masks, -1, num_groups, g, *t.shape[2:])
-        return jnp.swapaxes(t, 3, 4)
-
-    q, k, v = (grouped(t) for t in attn.qkv_heads(x))
+    heads = attn.num_heads
+    qkv = take_tokens(attn.qkv(x), plan["gather"])  # [B, S, 3C]
+    qkv = qkv.reshape(num_masks, -1, num_groups, g, 3, heads, channels // heads)
+    q, k, v = (jnp.moveaxis(qkv[..., i, :, :], -2, -3) for i in range(3))  # [M, b, G, heads, g, d]
     mask = grouping.group_attention_mask(plan["slot_window"])  # [M, G, g, g]
     rel = grouping.group_relative_index(plan["slot_pos"], mask, attn.window_size, jnp)
     bias = attn.position_bias(rel) + jnp.where(mask, 0.0, layers.MASK_VALUE)[:, :, None]
-    out = attn.output(layers.dot_product_attention(q, k, v, bias[:, None]))  # [M, b, G, g, C]
-    out = out.reshape(batch, slots, channels)
-    return take_tokens(out, plan["slot_of_token"])
+    out = layers.merge_heads(layers.dot_product_attention(q, k, v, bias[:, None]))
+    out = out.reshape(batch, num_groups * g, channels)
+    return attn.proj(take_tokens(out, plan["slot_of_token"]))
 
 
 def green_block(
@@ -170,9 +171,8 @@ class GreenSwinTransformer(swin.SwinTransformer):
         `[batch, N_vis_i, C_i]` in raster order (the last one before the final norm).
         """
         self._check(plans)
-        x = self.embed(images)
-        x = x.reshape(x.shape[0], -1, x.shape[-1])
-        x = layers.constrain_batch(take_tokens(x, plans["visible"]))
+        patches = take_tokens(self.patch_embed.patches(images), plans["visible"])
+        x = layers.constrain_batch(self.patch_embed.embed_patches(patches))
         outputs = []
         for stage, entry in zip(self.layers, plans["stages"], strict=True):
             for block in stage.blocks:

@@ -147,6 +147,24 @@ class PatchEmbed(nnx.Module):
         x = self.proj(images)
         return self.norm(x) if self.norm is not None else x
 
+    def patches(self, images: jax.Array) -> jax.Array:
+        """`[batch, H, W, in_chans]` -> `[batch, (H/p) * (W/p), p * p * in_chans]`: raster-order
+        patches, each flattened as (row, col, channel) like the conv kernel."""
+        b, h, w, c = images.shape
+        p = self.proj.kernel_size[0]
+        x = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+        return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+    def embed_patches(self, patches: jax.Array) -> jax.Array:
+        """The embedding of selected `patches [..., p * p * in_chans]` (from `patches`): the
+        conv as a matmul, so a caller that keeps only some patches (GreenMIM's visible ones)
+        never computes or stores the others."""
+        dtype = self.proj.dtype or jnp.float32
+        kernel = self.proj.kernel[...].reshape(-1, self.proj.out_features)
+        x = jnp.dot(patches.astype(dtype), kernel.astype(dtype))
+        x = x + self.proj.bias[...].astype(dtype)
+        return self.norm(x) if self.norm is not None else x
+
 
 class PatchMerging(nnx.Module):
     """Swin's 2x2 merge: concat [x(0,0), x(1,0), x(0,1), x(1,1)] -> LayerNorm(4C) -> Linear(2C).
