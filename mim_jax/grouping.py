@@ -19,7 +19,10 @@ In 'masking' mode (`G = 1`, `g = N_vis`) gather and slot_of_token are the identi
 gather token 0 (a dummy), have window id -1 and are False in `valid` and `attn_mask`.
 Between stages, `merge_gather` gives the positions of the 2x2 sub-tokens of every visible
 coarse cell (sparse PatchMerging, SPEC 2.4); `models.green_swin.device_plans` turns the output
-of `plan_mask` (each plan keeps its `coords`) into the model's plan pytree.
+of `plan_mask` (each plan keeps its tokens' raster `index`) into the model's plan pytree.
+Per-mask work only indexes cached per-grid tables (window ids, bias positions, the unit of each
+cell, the sub-cells of each coarse cell) and packs windows with Python-int bitsets, well under
+a millisecond per mask for Swin-B/224 (benchmarks/green_vs_dense.py measures it).
 
 Windows follow the official `_get_group_id`: `floor((c + (w - shift) % w) / w)` per axis on the
 original stage coordinates, with no cyclic roll. For shift s > 0 the first window row/column is
@@ -37,6 +40,7 @@ it picks windows {1, 2}, not {0, 3}). `max_fill_packing` reproduces this exactly
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 from collections.abc import Iterable, Sequence
@@ -76,8 +80,8 @@ class StagePlan:
     num_groups_used: int  # Groups holding real tokens (the first ones); the rest are pads.
     group_size: int  # g.
     window: int  # Effective window w (the bias table is (2w - 1)**2).
-    coords: np.ndarray | None = None  # int32 [N_vis, 2]: raster-order (row, col) of the tokens.
-    resolution: int = 0  # Stage grid side (coords lie in [0, resolution)).
+    index: np.ndarray | None = None  # int32 [N_vis]: raster index row * resolution + col.
+    resolution: int = 0  # Stage grid side.
 
     @property
     def valid(self) -> np.ndarray:
@@ -293,6 +297,49 @@ def _assign_slots(wid: np.ndarray, spec: StagePlanSpec) -> tuple[np.ndarray, int
     return slot_of_token, len(groups)
 
 
+@functools.lru_cache(maxsize=256)
+def _grid_tables(resolution: int, window: int, shift: int) -> tuple[np.ndarray, np.ndarray]:
+    """Window id (`window_ids`) and `slot_pos` value of every cell of a stage grid, by raster
+    index: per-mask planning then only indexes these tables."""
+    cells = np.arange(resolution * resolution)
+    coords = np.stack([cells // resolution, cells % resolution], axis=1)
+    wid = window_ids(coords, window, shift)
+    pos = (coords[:, 0] * (2 * window - 1) + coords[:, 1]).astype(np.int32)
+    for table in (wid, pos):
+        table.setflags(write=False)
+    return wid, pos
+
+
+def _plan_of_index(index: np.ndarray, spec: StagePlanSpec) -> StagePlan:
+    """`stage_plan` for visible tokens given by increasing raster indices `index [N_vis]`."""
+    n = spec.num_visible
+    if index.shape != (n,):
+        raise ValueError(f"expected {n} visible tokens for {spec}, got {index.shape}")
+    wid_table, pos_table = _grid_tables(spec.resolution, spec.window, spec.shift)
+    wid = wid_table[index]
+    if spec.mode == MASKING:
+        tokens = np.arange(n, dtype=np.int32)
+        slot_of_token, gather, slot_window, used = tokens, tokens, wid, 1
+    else:
+        slot_of_token, used = _assign_slots(wid, spec)
+        slots = spec.num_groups * spec.group_size
+        gather = np.zeros(slots, np.int32)
+        gather[slot_of_token] = np.arange(n, dtype=np.int32)
+        slot_window = np.full(slots, -1, np.int32)
+        slot_window[slot_of_token] = wid
+    return StagePlan(
+        gather=gather,
+        slot_of_token=slot_of_token,
+        slot_window=slot_window,
+        slot_pos=pos_table[index[gather]],
+        num_groups_used=used,
+        group_size=spec.group_size,
+        window=spec.window,
+        index=index,
+        resolution=spec.resolution,
+    )
+
+
 def stage_plan(coords: np.ndarray, spec: StagePlanSpec) -> StagePlan:
     """The plan of one (stage, parity) for visible-token `coords [N_vis, 2]` in raster order.
 
@@ -300,58 +347,39 @@ def stage_plan(coords: np.ndarray, spec: StagePlanSpec) -> StagePlan:
     groups (never with the default g and G).
     """
     coords = np.asarray(coords, np.int32)
-    n = spec.num_visible
-    if coords.shape != (n, 2):
-        raise ValueError(f"coords must be [{n}, 2] for {spec}, got {coords.shape}")
-    g, w = spec.group_size, spec.window
-    wid = window_ids(coords, w, spec.shift)
-    if spec.mode == MASKING:
-        slot_of_token, used = np.arange(n, dtype=np.int32), 1
-    else:
-        slot_of_token, used = _assign_slots(wid, spec)
-    slots = spec.num_groups * g
-    gather = np.zeros(slots, np.int32)
-    gather[slot_of_token] = np.arange(n, dtype=np.int32)
-    slot_window = np.full(slots, -1, np.int32)
-    slot_window[slot_of_token] = wid
-    return StagePlan(
-        gather=gather,
-        slot_of_token=slot_of_token,
-        slot_window=slot_window,
-        slot_pos=(coords[:, 0] * (2 * w - 1) + coords[:, 1])[gather],
-        num_groups_used=used,
-        group_size=g,
-        window=w,
-        coords=coords,
-        resolution=spec.resolution,
-    )
+    if coords.shape != (spec.num_visible, 2):
+        raise ValueError(f"coords must be [{spec.num_visible}, 2] for {spec}, got {coords.shape}")
+    return _plan_of_index(coords[:, 0] * spec.resolution + coords[:, 1], spec)
 
 
-def visible_index(coords: np.ndarray, resolution: int) -> np.ndarray:
-    """int32 `[N_vis]` raster index `row * resolution + col` of each visible token."""
-    coords = np.asarray(coords, np.int64)
-    return (coords[:, 0] * resolution + coords[:, 1]).astype(np.int32)
+@functools.lru_cache(maxsize=64)
+def _sub_cells(coarse_resolution: int) -> np.ndarray:
+    """int32 `[R_c**2, 4]`: fine raster indices of each coarse cell's 2x2 sub-tokens in Swin's
+    concatenation order x0 = (0, 0), x1 = (1, 0), x2 = (0, 1), x3 = (1, 1) (row, col)."""
+    fine = 2 * coarse_resolution
+    cells = np.arange(coarse_resolution * coarse_resolution)
+    top_left = 2 * (cells // coarse_resolution) * fine + 2 * (cells % coarse_resolution)
+    table = (top_left[:, None] + np.array([0, fine, 1, fine + 1])).astype(np.int32)
+    table.setflags(write=False)
+    return table
 
 
 def merge_gather(
-    fine_coords: np.ndarray, fine_resolution: int, coarse_coords: np.ndarray
+    fine_index: np.ndarray, fine_resolution: int, coarse_index: np.ndarray
 ) -> np.ndarray:
     """int32 `[N_coarse, 4]` sparse PatchMerging gather (SPEC 2.4).
 
-    For each visible coarse cell (raster order, `coarse_coords`), the positions in the
-    raster-ordered fine visible tokens (`fine_coords`) of its 2x2 sub-tokens in Swin's
-    concatenation order x0 = (0, 0), x1 = (1, 0), x2 = (0, 1), x3 = (1, 1) as (row, col)
-    offsets. Raises ValueError if a sub-token is not visible (mask unit not aligned).
+    For each visible coarse cell (increasing raster indices `coarse_index` on the half-size
+    grid), the positions in the visible fine tokens (increasing raster indices `fine_index`)
+    of its 2x2 sub-tokens in Swin's order (`_sub_cells`). Raises ValueError if a sub-token is
+    not visible (mask unit not aligned).
     """
-    fine = np.asarray(fine_coords, np.int64)
-    fine_linear = fine[:, 0] * fine_resolution + fine[:, 1]  # Increasing: raster order.
-    offsets = np.array([(0, 0), (1, 0), (0, 1), (1, 1)], np.int64)
-    sub = 2 * np.asarray(coarse_coords, np.int64)[:, None, :] + offsets  # [N_coarse, 4, 2]
-    sub_linear = sub[..., 0] * fine_resolution + sub[..., 1]
-    index = np.minimum(np.searchsorted(fine_linear, sub_linear), len(fine_linear) - 1)
-    if (fine_linear[index] != sub_linear).any():
+    rank = np.full(fine_resolution * fine_resolution, -1, np.int32)
+    rank[fine_index] = np.arange(len(fine_index), dtype=np.int32)
+    index = rank[_sub_cells(fine_resolution // 2)[coarse_index]]
+    if index.min(initial=0) < 0:
         raise ValueError("a visible coarse cell has a masked sub-token (SPEC 2.2 alignment)")
-    return index.astype(np.int32)
+    return index
 
 
 def visible_coords(unit_mask_keep: np.ndarray, unit_grid: int, stage_resolution: int) -> np.ndarray:
@@ -368,16 +396,27 @@ def visible_coords(unit_mask_keep: np.ndarray, unit_grid: int, stage_resolution:
     return np.argwhere(grid).astype(np.int32)
 
 
+@functools.lru_cache(maxsize=64)
+def _unit_of_cell(unit_grid: int, resolution: int) -> np.ndarray:
+    """int32 `[resolution**2]`: the mask unit (raster index on the unit grid) of each cell."""
+    if resolution % unit_grid:
+        raise ValueError(f"unit_grid={unit_grid} must divide stage_resolution={resolution}")
+    unit_rows = np.arange(resolution) // (resolution // unit_grid)
+    table = (unit_rows[:, None] * unit_grid + unit_rows[None, :]).reshape(-1).astype(np.int32)
+    table.setflags(write=False)
+    return table
+
+
 def plan_mask(
     keep_units: np.ndarray, specs: list[list[StagePlanSpec]], unit_grid: int
 ) -> list[list[StagePlan]]:
     """Plans of every stage and parity (shaped like `specs`) for one batch-wise keep mask."""
+    keep = np.asarray(keep_units).reshape(-1).astype(bool)
     plans = []
-    coords = visible_coords(keep_units, unit_grid, specs[0][0].resolution)
-    for i, stage in enumerate(specs):
-        if i:  # A coarse cell is visible iff its top-left sub-token is (aligned mask units).
-            coords = coords[((coords[:, 0] | coords[:, 1]) & 1) == 0] >> 1
-        plans.append([stage_plan(coords, spec) for spec in stage])
+    for stage in specs:
+        visible = keep[_unit_of_cell(unit_grid, stage[0].resolution)]
+        index = np.flatnonzero(visible).astype(np.int32)
+        plans.append([_plan_of_index(index, spec) for spec in stage])
     return plans
 
 

@@ -45,9 +45,16 @@ def _absorb(h: np.ndarray, x: np.ndarray) -> np.ndarray:
     return _mix(h ^ _mix(x + _GAMMA))
 
 
-def _word(value: int) -> np.ndarray:
-    """A Python int (any sign) as a one-element uint64 array (wrapping modulo 2**64)."""
-    return np.array([int(value) & _MASK64], dtype=np.uint64)
+def _mix_int(z: int) -> int:
+    """`_mix` of one word held as a Python int in [0, 2**64) (no numpy call overhead)."""
+    z = ((z ^ (z >> 30)) * int(_MUL1)) & _MASK64
+    z = ((z ^ (z >> 27)) * int(_MUL2)) & _MASK64
+    return z ^ (z >> 31)
+
+
+def _absorb_int(h: int, value: int) -> int:
+    """`_absorb` of Python ints; `value` of any sign wraps modulo 2**64."""
+    return _mix_int(h ^ _mix_int((int(value) + int(_GAMMA)) & _MASK64))
 
 
 def _ids(example_ids: np.ndarray) -> np.ndarray:
@@ -59,8 +66,8 @@ def _ids(example_ids: np.ndarray) -> np.ndarray:
 
 def _hash_bits(stream: int, seed: int, step: int, example_ids: np.ndarray, num: int) -> np.ndarray:
     """uint64 `[len(example_ids), num]`: entry `[i, j]` hashes (stream, seed, step, id_i, j)."""
-    key = _absorb(_absorb(_mix(_word(stream) + _GAMMA), _word(seed)), _word(step))
-    key = _absorb(key, _ids(example_ids))
+    prefix = _absorb_int(_absorb_int(_mix_int((stream + int(_GAMMA)) & _MASK64), seed), step)
+    key = _absorb(np.uint64(prefix), _ids(example_ids))
     return _absorb(key[:, None], np.arange(num, dtype=np.uint64)[None, :])
 
 

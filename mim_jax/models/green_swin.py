@@ -62,18 +62,18 @@ def _attn_plan(plan: grouping.StagePlan) -> Plans:
 def device_plans(plan_list: list[list[grouping.StagePlan]]) -> Plans:
     """`grouping.plan_mask` output (one mask) -> the model's plan pytree of numpy arrays."""
     first = plan_list[0][0]
-    if first.coords is None:
-        raise ValueError("plans need their coords (build them with grouping.stage_plan)")
+    if first.index is None:
+        raise ValueError("plans need their token indices (build them with grouping.stage_plan)")
     stages = []
     for i, stage in enumerate(plan_list):
         entry: dict[str, Any] = {"attn": [_attn_plan(p) for p in stage]}
         if i + 1 < len(plan_list):
             entry["merge"] = grouping.merge_gather(
-                stage[0].coords, stage[0].resolution, plan_list[i + 1][0].coords
+                stage[0].index, stage[0].resolution, plan_list[i + 1][0].index
             )
         stages.append(entry)
     return {
-        "visible": grouping.visible_index(first.coords, first.resolution),
+        "visible": first.index,
         "stages": stages,
     }
 
