@@ -21,8 +21,9 @@ Between stages, `merge_gather` gives the positions of the 2x2 sub-tokens of ever
 coarse cell (sparse PatchMerging, SPEC 2.4); `models.green_swin.device_plans` turns the output
 of `plan_mask` (each plan keeps its tokens' raster `index`) into the model's plan pytree.
 Per-mask work only indexes cached per-grid tables (window ids, bias positions, the unit of each
-cell, the sub-cells of each coarse cell) and packs windows with Python-int bitsets, well under
-a millisecond per mask for Swin-B/224 (benchmarks/green_vs_dense.py measures it).
+cell, the sub-cells of each coarse cell); counting, packing and slot assignment of a grouping
+stage run in one numba-compiled pass (`_grouped_slots`, cached on disk after the first
+compile), well under a millisecond per mask for Swin-B/224 (benchmarks/green_vs_dense.py).
 
 Windows follow the official `_get_group_id`: `floor((c + (w - shift) % w) / w)` per axis on the
 original stage coordinates, with no cyclic roll. For shift s > 0 the first window row/column is
@@ -41,10 +42,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import math
 from collections.abc import Iterable, Sequence
 
+import numba
 import numpy as np
 
 GROUPING = "grouping"
@@ -207,43 +208,57 @@ def window_ids(coords: np.ndarray, window: int, shift: int) -> np.ndarray:
     return wid[:, 0] * (int(coords[:, 1].max(initial=0)) // window + 2) + wid[:, 1]
 
 
-def _pack(sizes: list[int], capacity: int) -> list[list[int]]:
-    """`max_fill_packing` on Python lists (sizes already checked to lie in [1, capacity]).
+@numba.njit(cache=True)
+def _pack_kernel(sizes: np.ndarray, capacity: int) -> tuple[np.ndarray, int]:
+    """`max_fill_packing` core: (group index of each window, number of groups).
 
-    Subset sums are Python-int bitsets: bit t of `reach[j]` says that the first j remaining
-    windows can make exactly t. The backtracking takes the colex-smallest subset, so once a
-    prefix reaches a full group (bit `capacity`) the later windows cannot be taken and `reach`
-    is not extended past it. Removing a group leaves the prefixes before its first window
-    valid, so the next pass extends `reach` only from there.
+    `sizes` int64 `[m]` lie in [1, capacity]. Row j of the subset-sum table `reach` says which
+    totals the first j remaining windows can make. The backtracking takes the colex-smallest
+    subset, so once a prefix reaches a full group (total `capacity`) the later windows cannot
+    be taken and `reach` is not extended past it. Removing a group leaves the rows before its
+    first window valid, so the next pass extends `reach` only from there.
     """
-    full = (1 << (capacity + 1)) - 1
-    top = 1 << capacity
-    remaining = list(range(len(sizes)))
-    left = list(sizes)  # Sizes of the remaining windows.
-    reach = [1]
-    groups = []
-    while remaining:
-        r = reach[-1]
-        if not r & top:
-            for size in left[len(reach) - 1 :]:
-                r = (r | (r << size)) & full
-                reach.append(r)
-                if r & top:
-                    break
-        target = r.bit_length() - 1
-        taken = []
-        for j in range(len(reach) - 2, -1, -1):
-            if not target:
+    m = sizes.shape[0]
+    group = np.empty(m, np.int32)
+    remaining = np.arange(m)  # Window index of each remaining position (compacted).
+    left = sizes.copy()  # Sizes of the remaining windows.
+    reach = np.zeros((m + 1, capacity + 1), np.bool_)
+    reach[0, 0] = True
+    rows, count, num_groups = 1, m, 0
+    taken = np.empty(m, np.int64)
+    while count:
+        j = rows - 1
+        while j < count and not reach[j, capacity]:
+            size = left[j]
+            for t in range(capacity + 1):
+                reach[j + 1, t] = reach[j, t] or (t >= size and reach[j, t - size])
+            j += 1
+        rows = j + 1
+        target = capacity
+        while not reach[j, target]:
+            target -= 1
+        num_taken = 0
+        for i in range(rows - 2, -1, -1):
+            if target == 0:
                 break
-            if not (reach[j] >> target) & 1:  # Not reachable without window j: take it.
-                taken.append(j)
-                target -= left[j]
-        taken.reverse()
-        groups.append([remaining[j] for j in taken])
-        del reach[taken[0] + 1 :]
-        for j in reversed(taken):
-            del remaining[j], left[j]
-    return groups
+            if not reach[i, target]:  # Not reachable without window i: take it.
+                taken[num_taken] = i
+                num_taken += 1
+                target -= left[i]
+        for q in range(num_taken):
+            group[remaining[taken[q]]] = num_groups
+        num_groups += 1
+        first = taken[num_taken - 1]
+        q, kept = num_taken - 1, first
+        for i in range(first, count):  # Drop the taken positions (taken is descending).
+            if q >= 0 and i == taken[q]:
+                q -= 1
+                continue
+            remaining[kept] = remaining[i]
+            left[kept] = left[i]
+            kept += 1
+        count, rows = kept, first + 1
+    return group, num_groups
 
 
 def max_fill_packing(counts: np.ndarray, capacity: int) -> list[np.ndarray]:
@@ -254,47 +269,72 @@ def max_fill_packing(counts: np.ndarray, capacity: int) -> list[np.ndarray]:
     does (module docstring). Returns, per group in packing order, the increasing indices into
     `counts`.
     """
-    sizes = [int(c) for c in np.asarray(counts).reshape(-1)]
-    if any(not 0 < c <= capacity for c in sizes):
-        raise ValueError(f"counts must lie in [1, capacity={capacity}], got {sizes}")
-    return [np.array(group, np.int64) for group in _pack(sizes, capacity)]
+    sizes = np.asarray(counts, np.int64).reshape(-1)
+    if ((sizes < 1) | (sizes > capacity)).any():
+        raise ValueError(f"counts must lie in [1, capacity={capacity}], got {sizes.tolist()}")
+    group, num_groups = _pack_kernel(sizes, capacity)
+    order = np.argsort(group, kind="stable")
+    return np.split(order, np.cumsum(np.bincount(group, minlength=num_groups))[:-1])
 
 
-def _windows(wid: np.ndarray) -> tuple[np.ndarray, list[int]]:
-    """Windows of the tokens, in window-id order.
-
-    Returns the tokens sorted by window id (stable: raster order inside a window) and the
-    token count of each window.
-    """
-    order = np.argsort(wid, kind="stable")
+def _window_counts(wid: np.ndarray) -> np.ndarray:
+    """int64 token count of each non-empty window, in window-id order."""
     counts = np.bincount(wid)
-    return order, counts[counts > 0].tolist()
+    return counts[counts > 0]
 
 
-def _assign_slots(wid: np.ndarray, spec: StagePlanSpec) -> tuple[np.ndarray, int]:
-    """Slot of each token (window ids `wid`) in 'grouping' mode, and the number of groups used."""
-    order, counts = _windows(wid)
-    g = spec.group_size
-    if max(counts) > g:
-        raise PlanOverflow(f"a window holds {max(counts)} visible tokens > group_size={g}")
-    groups = _pack(counts, g)
-    if len(groups) > spec.num_groups:
-        raise PlanOverflow(
-            f"stage {spec.resolution}x{spec.resolution} shift {spec.shift}: packing needs "
-            f"{len(groups)} groups > num_groups={spec.num_groups}"
-        )
-    # slot = (first slot of the token's window) + (rank in the window)
-    #      = (first slot - first sorted position of the window) + (sorted position).
-    starts = list(itertools.accumulate(counts, initial=0))
-    offset = [0] * len(counts)
-    for k, members in enumerate(groups):
-        slot = k * g
-        for window in members:
-            offset[window] = slot - starts[window]
-            slot += counts[window]
-    slot_of_token = np.empty(len(order), np.int32)
-    slot_of_token[order] = np.repeat(offset, counts) + np.arange(len(order))
-    return slot_of_token, len(groups)
+@numba.njit(cache=True)
+def _grouped_slots(
+    index: np.ndarray, wid_table: np.ndarray, pos_table: np.ndarray, g: int, max_groups: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int, int]:
+    """The 'grouping' plan arrays of visible tokens `index` (increasing raster indices).
+
+    Non-empty windows in window-id order are packed (`_pack_kernel`); each group holds its
+    windows in that order, each window its tokens in raster order. Returns (slot_of_token,
+    gather, slot_window, slot_pos, groups used, largest window); the arrays are empty when a
+    window exceeds `g` or the packing needs more than `max_groups` groups.
+    """
+    n = index.shape[0]
+    num_windows = wid_table.max() + 1
+    window_of = np.full(num_windows, -1, np.int64)  # Window id -> rank among non-empty ones.
+    counts = np.zeros(num_windows, np.int64)
+    for t in range(n):
+        counts[wid_table[index[t]]] += 1
+    m = 0
+    for w in range(num_windows):
+        if counts[w]:
+            window_of[w] = m
+            m += 1
+    sizes = np.empty(m, np.int64)
+    for w in range(num_windows):
+        if counts[w]:
+            sizes[window_of[w]] = counts[w]
+    largest = sizes.max()
+    empty = np.empty(0, np.int32)
+    if largest > g:
+        return empty, empty, empty, empty, 0, largest
+    group, used = _pack_kernel(sizes, g)
+    if used > max_groups:
+        return empty, empty, empty, empty, used, largest
+    next_slot = np.arange(used) * g
+    first = np.empty(m, np.int64)  # First slot of each window.
+    for c in range(m):
+        first[c] = next_slot[group[c]]
+        next_slot[group[c]] += sizes[c]
+    slots = max_groups * g
+    slot_of_token = np.empty(n, np.int32)
+    gather = np.zeros(slots, np.int32)  # Pads gather token 0 ...
+    slot_window = np.full(slots, -1, np.int32)
+    slot_pos = np.full(slots, pos_table[index[0]], np.int32)  # ... and keep its position.
+    for t in range(n):
+        c = window_of[wid_table[index[t]]]
+        slot = first[c]
+        first[c] += 1
+        slot_of_token[t] = slot
+        gather[slot] = t
+        slot_window[slot] = wid_table[index[t]]
+        slot_pos[slot] = pos_table[index[t]]
+    return slot_of_token, gather, slot_window, slot_pos, used, largest
 
 
 @functools.lru_cache(maxsize=256)
@@ -304,6 +344,7 @@ def _grid_tables(resolution: int, window: int, shift: int) -> tuple[np.ndarray, 
     cells = np.arange(resolution * resolution)
     coords = np.stack([cells // resolution, cells % resolution], axis=1)
     wid = window_ids(coords, window, shift)
+    wid = wid.astype(np.int32)
     pos = (coords[:, 0] * (2 * window - 1) + coords[:, 1]).astype(np.int32)
     for table in (wid, pos):
         table.setflags(write=False)
@@ -316,22 +357,27 @@ def _plan_of_index(index: np.ndarray, spec: StagePlanSpec) -> StagePlan:
     if index.shape != (n,):
         raise ValueError(f"expected {n} visible tokens for {spec}, got {index.shape}")
     wid_table, pos_table = _grid_tables(spec.resolution, spec.window, spec.shift)
-    wid = wid_table[index]
+    g = spec.group_size
     if spec.mode == MASKING:
         tokens = np.arange(n, dtype=np.int32)
-        slot_of_token, gather, slot_window, used = tokens, tokens, wid, 1
+        slot_of_token, gather, used = tokens, tokens, 1
+        slot_window, slot_pos = wid_table[index], pos_table[index]
     else:
-        slot_of_token, used = _assign_slots(wid, spec)
-        slots = spec.num_groups * spec.group_size
-        gather = np.zeros(slots, np.int32)
-        gather[slot_of_token] = np.arange(n, dtype=np.int32)
-        slot_window = np.full(slots, -1, np.int32)
-        slot_window[slot_of_token] = wid
+        slot_of_token, gather, slot_window, slot_pos, used, largest = _grouped_slots(
+            index, wid_table, pos_table, g, spec.num_groups
+        )
+        if largest > g:
+            raise PlanOverflow(f"a window holds {largest} visible tokens > group_size={g}")
+        if used > spec.num_groups:
+            raise PlanOverflow(
+                f"stage {spec.resolution}x{spec.resolution} shift {spec.shift}: packing needs "
+                f"{used} groups > num_groups={spec.num_groups}"
+            )
     return StagePlan(
         gather=gather,
         slot_of_token=slot_of_token,
         slot_window=slot_window,
-        slot_pos=pos_table[index[gather]],
+        slot_pos=slot_pos,
         num_groups_used=used,
         group_size=spec.group_size,
         window=spec.window,
@@ -445,7 +491,7 @@ def search_group_size(
         coords = visible_coords(keep, unit_grid, resolution)
         if len(coords) != num_visible:
             raise ValueError(f"a mask has {len(coords)} visible tokens, expected {num_visible}")
-        window_counts.append(_windows(window_ids(coords, window, shift))[1])
+        window_counts.append(_window_counts(window_ids(coords, window, shift)))
     costs = {}
     for g in candidates:
         per_group = 4 * g * channels**2 + 2 * g**2 * channels
@@ -454,6 +500,6 @@ def search_group_size(
             if max(counts) > g:
                 total = math.inf
                 break
-            total += len(_pack(counts, g)) * per_group
+            total += _pack_kernel(counts, g)[1] * per_group
         costs[g] = total / len(masks)
     return costs
