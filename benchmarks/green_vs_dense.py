@@ -18,7 +18,11 @@ Keys:
                           devices), temp_bytes (XLA memory analysis, per device), step_s
                           (median of --steps timed steps), compile_s, img_per_s.
   flops_ratio, temp_memory_ratio, step_time_ratio
-                          green / dense.
+                          green / dense. On CPU, temp memory depends on XLA's scheduler: the
+                          default (concurrency-optimized) one keeps extra activations alive
+                          while the donated AdamW update runs, more so in the green step;
+                          run with XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false
+                          for XLA's memory-minimizing schedule (what TPU and GPU aim for).
   plan_ms_per_mask        host wall time of `greenmim.batch_mask_and_plans` (mask + every
                           stage's plans + merge indices) per mask over --masks masks, the
                           median of 5 passes (plan_ms_per_mask_passes holds all five).
