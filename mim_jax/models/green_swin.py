@@ -14,6 +14,9 @@ forward differs:
   'masking' stages (one group holding every visible token) take the same path;
 - sparse patch merging: gather the 4 sub-tokens of each visible coarse cell, concat on
   channels (Swin order x0, x1, x2, x3), then `PatchMerging.merge`;
+- these three gathers are permutations of the tokens (pads aside), so `permute_tokens` gives
+  them a gather backward through the inverse index instead of autodiff's scatter-add into a
+  zero-filled buffer (less memory; tests check the gradients against autodiff);
 - final LayerNorm. Output `[batch, N_vis_last, C_last]` in raster order.
 
 Mask groups (SPEC 0): the batch holds `M` consecutive slices of `batch / M` examples, slice m
@@ -95,6 +98,38 @@ def take_tokens(x: jax.Array, index: jax.Array) -> jax.Array:
     return out.reshape(x.shape[0], *out.shape[2:])
 
 
+@jax.custom_vjp
+def permute_tokens(
+    x: jax.Array, index: jax.Array, inverse: jax.Array, valid: jax.Array | None = None
+) -> jax.Array:
+    """`take_tokens(x, index)` whose backward is a gather instead of a scatter-add.
+
+    For plan index pairs where every row t of `x` is read by exactly one output, `inverse[t]`
+    (`[M, N]`), and every other output is a pad whose cotangent is zero (pad slots of the
+    attention core) or is marked False in `valid` (`[M, K]`: those outputs read no row, their
+    cotangent is dropped). Then the gradient of x is `take_tokens(g, inverse)`: no zero-filled
+    `[batch, N, C]` accumulator and no scatter, which XLA would otherwise allocate per gather.
+    """
+    return take_tokens(x, index)
+
+
+def _permute_fwd(x, index, inverse, valid):
+    return take_tokens(x, index), (inverse, valid)
+
+
+def _permute_bwd(residuals, g):
+    inverse, valid = residuals
+    grad = take_tokens(g, inverse)
+    if valid is not None:
+        shape = (valid.shape[0], 1, valid.shape[1]) + (1,) * (grad.ndim - 2)
+        grouped = _groups(grad, valid.shape[0])
+        grad = jnp.where(valid.reshape(shape), grouped, 0).reshape(grad.shape)
+    return grad, None, None, None
+
+
+permute_tokens.defvjp(_permute_fwd, _permute_bwd)
+
+
 def grouped_attention(attn: swin.WindowAttention, x: jax.Array, plan: Plans) -> jax.Array:
     """Window attention of flat tokens `x [batch, N, C]` through one plan -> `[batch, N, C]`.
 
@@ -104,7 +139,7 @@ def grouped_attention(attn: swin.WindowAttention, x: jax.Array, plan: Plans) -> 
     batch, _, channels = x.shape
     num_masks, num_groups, g = plan["slot_window"].shape
     heads = attn.num_heads
-    qkv = take_tokens(attn.qkv(x), plan["gather"])  # [B, S, 3C]
+    qkv = permute_tokens(attn.qkv(x), plan["gather"], plan["slot_of_token"])  # [B, S, 3C]
     qkv = qkv.reshape(num_masks, -1, num_groups, g, 3, heads, channels // heads)
     q, k, v = (jnp.moveaxis(qkv[..., i, :, :], -2, -3) for i in range(3))  # [M, b, G, heads, g, d]
     mask = grouping.group_attention_mask(plan["slot_window"])  # [M, G, g, g]
@@ -112,7 +147,8 @@ def grouped_attention(attn: swin.WindowAttention, x: jax.Array, plan: Plans) -> 
     bias = attn.position_bias(rel) + jnp.where(mask, 0.0, layers.MASK_VALUE)[:, :, None]
     out = layers.merge_heads(layers.dot_product_attention(q, k, v, bias[:, None]))
     out = out.reshape(batch, num_groups * g, channels)
-    return attn.proj(take_tokens(out, plan["slot_of_token"]))
+    valid = plan["slot_window"].reshape(num_masks, -1) >= 0
+    return attn.proj(permute_tokens(out, plan["slot_of_token"], plan["gather"], valid))
 
 
 def green_block(
@@ -129,7 +165,10 @@ def green_block(
 def sparse_merge(merging: layers.PatchMerging, x: jax.Array, merge: jax.Array) -> jax.Array:
     """Sparse PatchMerging: `x [batch, N, C]`, `merge [M, N_next, 4]` -> `[batch, N_next, 2C]`."""
     batch, _, channels = x.shape
-    x = take_tokens(x, merge.reshape(merge.shape[0], -1))
+    index = merge.reshape(merge.shape[0], -1)  # A permutation of the N fine tokens.
+    positions = jnp.broadcast_to(jnp.arange(index.shape[1], dtype=index.dtype), index.shape)
+    inverse = jax.vmap(lambda i, p: jnp.zeros_like(i).at[i].set(p))(index, positions)
+    x = permute_tokens(x, index, inverse)
     return merging.merge(x.reshape(batch, merge.shape[1], 4 * channels))
 
 
