@@ -17,7 +17,7 @@ dropped since they cannot hold every window), the cost model is
 
   mean_cost_rel    mean over masks of n_groups(g) * per_group(g) (`grouping.search_group_size`),
                    relative to the same at g = window**2.
-  static_cost_rel  ceil(2 N_vis / g) * per_group(g): the static group count mim_jax allocates
+  static_cost_rel  ceil(2 N_vis / g) * per_group(g): the default static group count (num_groups 0)
                    (`plan_specs(group_size=g).num_groups`), relative to the same reference as
                    mean_cost_rel (the packed mean cost at g = window**2), so both are comparable.
   mean_groups, max_groups, static_groups
