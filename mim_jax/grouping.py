@@ -285,7 +285,12 @@ def _window_counts(wid: np.ndarray) -> np.ndarray:
 
 @numba.njit(cache=True)
 def _grouped_slots(
-    index: np.ndarray, wid_table: np.ndarray, pos_table: np.ndarray, g: int, max_groups: int
+    index: np.ndarray,
+    wid_table: np.ndarray,
+    num_windows: int,
+    pos_table: np.ndarray,
+    g: int,
+    max_groups: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int, int]:
     """The 'grouping' plan arrays of visible tokens `index` (increasing raster indices).
 
@@ -295,7 +300,6 @@ def _grouped_slots(
     window exceeds `g` or the packing needs more than `max_groups` groups.
     """
     n = index.shape[0]
-    num_windows = wid_table.max() + 1
     window_of = np.full(num_windows, -1, np.int64)  # Window id -> rank among non-empty ones.
     counts = np.zeros(num_windows, np.int64)
     for t in range(n):
@@ -338,9 +342,9 @@ def _grouped_slots(
 
 
 @functools.lru_cache(maxsize=256)
-def _grid_tables(resolution: int, window: int, shift: int) -> tuple[np.ndarray, np.ndarray]:
-    """Window id (`window_ids`) and `slot_pos` value of every cell of a stage grid, by raster
-    index: per-mask planning then only indexes these tables."""
+def _grid_tables(resolution: int, window: int, shift: int) -> tuple[np.ndarray, int, np.ndarray]:
+    """Window id (`window_ids`), the number of window ids, and `slot_pos` value of every cell
+    of a stage grid, by raster index: per-mask planning then only indexes these tables."""
     cells = np.arange(resolution * resolution)
     coords = np.stack([cells // resolution, cells % resolution], axis=1)
     wid = window_ids(coords, window, shift)
@@ -348,7 +352,7 @@ def _grid_tables(resolution: int, window: int, shift: int) -> tuple[np.ndarray, 
     pos = (coords[:, 0] * (2 * window - 1) + coords[:, 1]).astype(np.int32)
     for table in (wid, pos):
         table.setflags(write=False)
-    return wid, pos
+    return wid, int(wid.max()) + 1, pos
 
 
 def _plan_of_index(index: np.ndarray, spec: StagePlanSpec) -> StagePlan:
@@ -356,7 +360,7 @@ def _plan_of_index(index: np.ndarray, spec: StagePlanSpec) -> StagePlan:
     n = spec.num_visible
     if index.shape != (n,):
         raise ValueError(f"expected {n} visible tokens for {spec}, got {index.shape}")
-    wid_table, pos_table = _grid_tables(spec.resolution, spec.window, spec.shift)
+    wid_table, num_windows, pos_table = _grid_tables(spec.resolution, spec.window, spec.shift)
     g = spec.group_size
     if spec.mode == MASKING:
         tokens = np.arange(n, dtype=np.int32)
@@ -364,7 +368,7 @@ def _plan_of_index(index: np.ndarray, spec: StagePlanSpec) -> StagePlan:
         slot_window, slot_pos = wid_table[index], pos_table[index]
     else:
         slot_of_token, gather, slot_window, slot_pos, used, largest = _grouped_slots(
-            index, wid_table, pos_table, g, spec.num_groups
+            index, wid_table, num_windows, pos_table, g, spec.num_groups
         )
         if largest > g:
             raise PlanOverflow(f"a window holds {largest} visible tokens > group_size={g}")
