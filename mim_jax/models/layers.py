@@ -75,17 +75,86 @@ class Linear(nnx.Linear):
 
 
 class LayerNorm(nnx.LayerNorm):
-    """LayerNorm with PyTorch's eps default (1e-5) and float32 statistics."""
+    """LayerNorm over the last axis with PyTorch's eps default (1e-5) and float32 statistics.
+
+    Its backward keeps only the normalized input (in the compute dtype) and the inverse std;
+    autodiff keeps up to three more token-sized buffers per norm (centered input, scaled
+    product, ...), a large share of a transformer's activation memory.
+    """
 
     def __init__(
         self, dim: int, *, rngs: nnx.Rngs, eps: float = 1e-5, dtype: jnp.dtype = jnp.float32
     ):
         super().__init__(dim, epsilon=eps, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
 
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = jnp.dtype(self.dtype or x.dtype)
+        return layer_norm(x, self.scale[...], self.bias[...], self.epsilon, dtype)
 
+
+def _normalize(x, eps):
+    """float32 `(x - mean) * rstd` over the last axis and `rstd` (flax's fast variance)."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True) - jnp.square(mean)
+    rstd = jax.lax.rsqrt(jnp.maximum(var, 0.0) + eps)
+    return (x32 - mean) * rstd, rstd
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def layer_norm(
+    x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float, dtype: jnp.dtype
+) -> jax.Array:
+    """`normalize(x) * scale + bias` in `dtype` (statistics in float32), last axis."""
+    xhat, _ = _normalize(x, eps)
+    return (xhat * scale + bias).astype(dtype)
+
+
+def _layer_norm_fwd(x, scale, bias, eps, dtype):
+    xhat, rstd = _normalize(x, eps)
+    # The empty array carries x's dtype to the backward.
+    residuals = (xhat.astype(dtype), rstd, scale, jnp.zeros((0,), x.dtype))
+    return (xhat * scale + bias).astype(dtype), residuals
+
+
+def _layer_norm_bwd(eps, dtype, residuals, g):
+    xhat, rstd, scale, x_like = residuals
+    xhat = xhat.astype(jnp.float32)
+    g = g.astype(jnp.float32)
+    axes = tuple(range(g.ndim - 1))
+    gx = g * scale
+    mean_gx = jnp.mean(gx, axis=-1, keepdims=True)
+    mean_gxx = jnp.mean(gx * xhat, axis=-1, keepdims=True)
+    dx = rstd * (gx - mean_gx - xhat * mean_gxx)
+    return dx.astype(x_like.dtype), jnp.sum(g * xhat, axes), jnp.sum(g, axes)
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+@jax.custom_vjp
 def gelu(x: jax.Array) -> jax.Array:
-    """Exact (erf) GELU, PyTorch's default."""
+    """Exact (erf) GELU, PyTorch's default, whose backward keeps only its input.
+
+    Autodiff keeps the erfc and exp terms as well (XLA:CPU: four hidden-size buffers per MLP
+    with fc2's input; this keeps two). The backward writes the CDF with erf, not the forward's
+    erfc, so that XLA's CSE cannot merge it with the forward and keep that buffer after all.
+    """
     return jax.nn.gelu(x, approximate=False)
+
+
+def _gelu_fwd(x):
+    return gelu(x), x
+
+
+def _gelu_bwd(x, g):
+    x32 = x.astype(jnp.float32)
+    cdf = 0.5 * (1.0 + jax.lax.erf(x32 * 2.0**-0.5))
+    pdf = jnp.exp(-0.5 * jnp.square(x32)) * (2.0 * np.pi) ** -0.5
+    return ((g.astype(jnp.float32) * (cdf + x32 * pdf)).astype(x.dtype),)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
 class Mlp(nnx.Module):
@@ -213,6 +282,29 @@ def relative_position_index(height: int, width: int) -> np.ndarray:
     return index
 
 
+@jax.custom_vjp
+def softmax(logits: jax.Array) -> jax.Array:
+    """Softmax over the last axis whose backward keeps only the probabilities.
+
+    The gradient `p * (g - sum(g * p))` needs nothing else, and the attention matmul that
+    follows keeps `p` anyway; autodiff through `jax.nn.softmax` keeps its exponentials too,
+    one more attention-sized buffer per layer.
+    """
+    return jax.nn.softmax(logits, axis=-1)
+
+
+def _softmax_fwd(logits):
+    probs = jax.nn.softmax(logits, axis=-1)
+    return probs, probs
+
+
+def _softmax_bwd(probs, g):
+    return (probs * (g - jnp.sum(g * probs, axis=-1, keepdims=True)),)
+
+
+softmax.defvjp(_softmax_fwd, _softmax_bwd)
+
+
 def dot_product_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None = None
 ) -> jax.Array:
@@ -226,7 +318,7 @@ def dot_product_attention(
     logits = jnp.einsum("...hqd,...hkd->...hqk", q * scale, k, preferred_element_type=jnp.float32)
     if bias is not None:
         logits = logits + bias
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    weights = softmax(logits).astype(v.dtype)
     return jnp.einsum("...hqk,...hkd->...hqd", weights, v)
 
 

@@ -1,0 +1,101 @@
+"""Memory-lean backwards of the shared layers (models/layers.py): LayerNorm, GELU and softmax
+with hand-written VJPs, compared with autodiff through the library implementations they
+replace (flax's `nnx.LayerNorm`, `jax.nn.gelu`, `jax.nn.softmax`), in float32 and bfloat16."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mim_jax.models import layers
+
+
+def _value_and_grads(fn, *args):
+    """fn's value and the gradients of a generic scalar of its output w.r.t. every argument."""
+
+    def scalar(*a):
+        out = fn(*a).astype(jnp.float32)
+        return jnp.sum(jnp.sin(out) * jax.random.uniform(jax.random.key(7), out.shape))
+
+    return fn(*args), jax.grad(scalar, argnums=tuple(range(len(args))))(*args)
+
+
+def _assert_close(ours, reference, atol):
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(reference), strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        scale = max(1.0, float(jnp.abs(b.astype(jnp.float32)).max()))
+        np.testing.assert_allclose(
+            np.asarray(a, np.float32), np.asarray(b, np.float32), atol=atol * scale, rtol=0
+        )
+
+
+@pytest.mark.parametrize(("dtype", "atol"), [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
+def test_layer_norm_matches_flax(dtype, atol):
+    rng = jax.random.key(0)
+    x = (3.0 + 2.0 * jax.random.normal(rng, (2, 5, 24))).astype(dtype)
+    ours = layers.LayerNorm(24, rngs=nnx.Rngs(params=0), eps=1e-6, dtype=dtype)
+    flax_ln = nnx.LayerNorm(24, epsilon=1e-6, dtype=dtype, rngs=nnx.Rngs(params=0))
+    scale = 1.0 + 0.1 * jax.random.normal(jax.random.key(1), (24,))
+    bias = 0.1 * jax.random.normal(jax.random.key(2), (24,))
+    for module in (ours, flax_ln):
+        module.scale[...] = scale
+        module.bias[...] = bias
+
+    def apply(module):
+        graphdef, params = nnx.split(module, nnx.Param)
+        return lambda x, p: nnx.merge(graphdef, p)(x), params
+
+    fn, params = apply(ours)
+    ref_fn, ref_params = apply(flax_ln)
+    _assert_close(_value_and_grads(fn, x, params), _value_and_grads(ref_fn, x, ref_params), atol)
+
+
+def test_layer_norm_keeps_dtype_of_input():
+    """A float32 residual stream into a bfloat16 norm: output bf16, input gradient float32."""
+    ln = layers.LayerNorm(8, rngs=nnx.Rngs(params=0), dtype=jnp.bfloat16)
+    x = jax.random.normal(jax.random.key(0), (3, 8))
+    out, vjp = jax.vjp(ln, x)
+    assert out.dtype == jnp.bfloat16
+    assert vjp(jnp.ones_like(out))[0].dtype == jnp.float32
+
+
+@pytest.mark.parametrize(("dtype", "atol"), [(jnp.float32, 1e-6), (jnp.bfloat16, 2e-2)])
+def test_gelu_matches_exact_gelu(dtype, atol):
+    x = (3.0 * jax.random.normal(jax.random.key(0), (4, 33))).astype(dtype)
+    reference = _value_and_grads(lambda v: jax.nn.gelu(v, approximate=False), x)
+    _assert_close(_value_and_grads(layers.gelu, x), reference, atol)
+
+
+def test_softmax_matches_jax_with_masked_rows():
+    """Including a fully masked row (MASK_VALUE everywhere: uniform, finite)."""
+    logits = jax.random.normal(jax.random.key(0), (2, 3, 7, 7))
+    logits = logits.at[:, :, 2].set(layers.MASK_VALUE)
+    logits = logits.at[:, :, :, 5].add(layers.MASK_VALUE)
+    reference = _value_and_grads(lambda v: jax.nn.softmax(v, axis=-1), logits)
+    ours = _value_and_grads(layers.softmax, logits)
+    _assert_close(ours, reference, 1e-6)
+    assert bool(jnp.isfinite(ours[1][0]).all())
+
+
+def test_lean_backwards_keep_fewer_residuals():
+    """What autodiff saves for the backward (jax's own residual listing): the norm keeps one
+    token-sized array, GELU its input only, and attention weights followed by their matmul
+    keep the probabilities only (jax.nn.softmax adds its exponentials)."""
+    from jax._src.ad_checkpoint import saved_residuals
+
+    def big(fn, x):
+        res = saved_residuals(fn, x)
+        return [a.shape for a, src in res if a.size == x.size and "output of" in src]
+
+    x = jax.random.normal(jax.random.key(0), (64, 32))
+    ln = layers.LayerNorm(32, rngs=nnx.Rngs(params=0))
+    flax_ln = nnx.LayerNorm(32, rngs=nnx.Rngs(params=0))
+    assert len(big(lambda v: jnp.sum(ln(v)), x)) == 1 < len(big(lambda v: jnp.sum(flax_ln(v)), x))
+    assert big(lambda v: jnp.sum(layers.gelu(v)), x) == []  # Only its input, the argument.
+    assert len(big(lambda v: jnp.sum(jax.nn.gelu(v, approximate=False)), x)) >= 2
+    def attention(softmax):  # Values depend on the input too, as in attention.
+        return lambda v: jnp.sum(softmax(v) @ jnp.tanh(v.T[:, :5]))
+
+    assert len(big(attention(layers.softmax), x)) == 1
+    assert len(big(attention(lambda v: jax.nn.softmax(v, axis=-1)), x)) == 2
