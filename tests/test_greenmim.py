@@ -86,6 +86,7 @@ class Official:
         self.batch = {
             "image": jnp.asarray(io["x"].transpose(0, 2, 3, 1)),
             "unit_mask": jnp.asarray(mask),
+            "removed_units": jnp.asarray(np.stack([np.flatnonzero(m) for m in mask]), jnp.int32),
             "mask_redraws": jnp.zeros(mask.shape[0], jnp.int32),
             "plans": self.plans,
         }
@@ -182,6 +183,47 @@ def test_library_loss_is_finite_and_differs_only_by_placement():
     assert float(aux["mask_fraction"]) == pytest.approx(0.75)
 
 
+def _full_prediction_loss(model, batch):
+    """Reference loss: predict every unit, then norm-pix MSE over the removed ones."""
+    pred = model(batch["image"], batch["plans"], batch["unit_mask"])
+    target = norm_pix.norm_pix_targets(batch["image"], model.unit)
+    return norm_pix.masked_mse(pred, target, batch["unit_mask"])
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_predicting_removed_units_only_equals_full_decode(depth):
+    """decode(units=...) (last block's queries, MLP, norm and head on the removed units) gives
+    the full decode's values there, and loss_fn (built on it) the full-prediction loss and
+    gradients."""
+    o = _official()
+    config = o.config.copy_and_resolve_references()
+    config.decoder.depth = depth
+    model = greenmim.build_model(config, nnx.Rngs(params=depth))
+    batch = o.batch
+    units = batch["removed_units"]
+    tokens = jax.random.normal(jax.random.key(0), (2, 16, config.decoder.embed_dim))
+    full = model.decode(tokens)
+    part = model.decode(tokens, units)
+    assert part.shape == (2, 12, full.shape[-1])
+    np.testing.assert_allclose(part, greenmim.take_rows(full, units), atol=1e-5, rtol=0)
+
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def ours(p):
+        return greenmim.loss_fn(nnx.merge(graphdef, p), batch, None)[0]
+
+    def reference(p):
+        return _full_prediction_loss(nnx.merge(graphdef, p), batch)
+
+    loss, grads = jax.value_and_grad(ours)(params)
+    ref_loss, ref_grads = jax.value_and_grad(reference)(params)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6, atol=0)
+    ours_flat = pytree.flatten(nnx.to_pure_dict(grads))
+    ref_flat = pytree.flatten(nnx.to_pure_dict(ref_grads))
+    for path in ref_flat:
+        np.testing.assert_allclose(ours_flat[path], ref_flat[path], atol=1e-6, rtol=0, err_msg=path)
+
+
 def test_norm_pix_targets_match_numpy():
     rng = np.random.default_rng(0)
     images = rng.normal(size=(2, 64, 64, 3)).astype(np.float32)
@@ -221,6 +263,7 @@ def test_batch_transform_one_mask_per_group():
     np.testing.assert_array_equal(masks[0::2], masks[1::2])  # Rows 2m, 2m+1 share group m.
     assert len({m.tobytes() for m in masks[0::2]}) == 3
     assert (out["mask_redraws"] == 0).all()
+    np.testing.assert_array_equal(out["removed_units"], [np.flatnonzero(m) for m in masks])
     np.testing.assert_array_equal(transform(batch, 2)["unit_mask"], masks)
     leaves = jax.tree.leaves(out["plans"])
     assert all(leaf.shape[0] == 3 for leaf in leaves)

@@ -23,8 +23,13 @@ depth, num_heads, optional mlp_ratio 4.0, norm_eps 1e-6). The loss is always nor
 all released scripts; `methods/norm_pix.py`).
 
 Batch keys added on the host (make_batch_transform): `unit_mask` int32 `[B, L]` (1 = removed;
-rows of one mask group equal: batch-wise), `mask_redraws` int32 `[B]` and `plans` (the
-stacked green_swin plan pytree, leading axis = mask groups, `config.mask.groups`).
+rows of one mask group equal: batch-wise), `removed_units` int32 `[B, K]` (the removed units
+of each row in raster order; K is fixed by the ratio), `mask_redraws` int32 `[B]` and `plans`
+(the stacked green_swin plan pytree, leading axis = mask groups, `config.mask.groups`).
+
+The train step predicts the removed units only (`GreenMIMModel.decode` with `units`): the
+loss reads nothing else, so the last decoder block's queries, MLP and the prediction head skip
+the visible units (same loss and gradients, less memory and compute).
 """
 
 from __future__ import annotations
@@ -82,8 +87,13 @@ class Attention(nnx.Module):
             dim, dim, ("heads", "embed"), rngs=rngs, dtype=dtype, kernel_init=_xavier()
         )
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        q, k, v = (layers.split_heads(t, self.num_heads) for t in jnp.split(self.qkv(x), 3, -1))
+    def __call__(self, x: jax.Array, queries: jax.Array | None = None) -> jax.Array:
+        """x `[B, L, D]` -> `[B, L, D]`; with `queries` int `[B, K]`, only those tokens attend
+        (to all L) and the output is `[B, K, D]`."""
+        q, k, v = jnp.split(self.qkv(x), 3, -1)
+        if queries is not None:
+            q = take_rows(q, queries)
+        q, k, v = (layers.split_heads(t, self.num_heads) for t in (q, k, v))
         return self.proj(layers.merge_heads(layers.dot_product_attention(q, k, v)))
 
 
@@ -107,9 +117,17 @@ class TransformerBlock(nnx.Module):
         for fc in (self.mlp.fc1, self.mlp.fc2):  # MAE wrapper init: xavier_uniform Linears.
             fc.kernel.value = _xavier()(rngs.params(), fc.kernel.shape, jnp.float32)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = x + self.attn(self.norm1(x))
+    def __call__(self, x: jax.Array, queries: jax.Array | None = None) -> jax.Array:
+        """x `[B, L, D]` -> `[B, L, D]`, or `[B, K, D]` at the `queries` `[B, K]` only (the
+        attention still reads every token; the residual and MLP run on the K)."""
+        h = self.attn(self.norm1(x), queries)
+        x = (x if queries is None else take_rows(x, queries)) + h
         return layers.constrain_batch(x + self.mlp(self.norm2(x)))
+
+
+def take_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
+    """Per-example token gather: `x [B, L, ...]`, `rows` int `[B, K]` -> `[B, K, ...]`."""
+    return jnp.take_along_axis(x, rows.reshape(*rows.shape, *(1,) * (x.ndim - 2)), axis=1)
 
 
 def place_visible(tokens: jax.Array, unit_mask: jax.Array, mask_token: jax.Array) -> jax.Array:
@@ -183,11 +201,18 @@ class GreenMIMModel(nnx.Module):
     def pos_embed(self) -> np.ndarray:
         return layers.sincos_pos_embed(self.mask_token.shape[0], self.grid)
 
-    def decode(self, x: jax.Array) -> jax.Array:
-        """Placed decoder tokens `[B, L, D]` -> predictions `[B, L, u*u*3]` (adds pos embed)."""
+    def decode(self, x: jax.Array, units: jax.Array | None = None) -> jax.Array:
+        """Placed decoder tokens `[B, L, D]` -> predictions `[B, L, u*u*3]` (adds pos embed).
+
+        With `units` int `[B, K]`, only the predictions of those units, `[B, K, u*u*3]`: the
+        last block's queries, MLP, the final norm and the head run on the K units alone (the
+        same values as the full decode there; the loss needs the removed units only)."""
         x = x + jnp.asarray(self.pos_embed, x.dtype)
-        for block in self.decoder_blocks:
-            x = block(x)
+        last = len(self.decoder_blocks) - 1
+        for i, block in enumerate(self.decoder_blocks):
+            x = block(x, units if i == last else None)
+        if units is not None and last < 0:
+            x = take_rows(x, units)
         return self.decoder_pred(self.decoder_norm(x))
 
     def __call__(
@@ -197,11 +222,13 @@ class GreenMIMModel(nnx.Module):
         unit_mask: jax.Array,
         *,
         rngs: nnx.Rngs | None = None,
+        units: jax.Array | None = None,
     ) -> jax.Array:
-        """images `[B, H, W, 3]`, plans of the batch's mask, unit_mask `[B, L]` -> `[B, L, P]`."""
+        """images `[B, H, W, 3]`, plans of the batch's mask, unit_mask `[B, L]` -> `[B, L, P]`
+        (or `[B, K, P]` at `units` `[B, K]`, see `decode`)."""
         latent = self.encoder(images, plans, rngs=rngs)
         tokens = place_visible(self.decoder_embed(latent), unit_mask, self.mask_token[...])
-        return self.decode(tokens)
+        return self.decode(tokens, units)
 
 
 def build_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> GreenMIMModel:
@@ -314,9 +341,11 @@ def _add_masks(batch, step, *, seed, specs, unit_grid, mask_ratio, batch_size, g
     pick = np.array([position[int(m)] for m in group_of_row])
     masks = np.stack([mask for mask, _, _ in drawn])
     redraws = np.array([count for _, _, count in drawn], np.int32)
+    removed = np.stack([np.flatnonzero(mask) for mask in masks]).astype(np.int32)
     return {
         **batch,
         "unit_mask": masks[pick],
+        "removed_units": removed[pick],
         "mask_redraws": redraws[pick],
         "plans": green_swin.stack_plans([plans for _, plans, _ in drawn]),
     }
@@ -326,7 +355,8 @@ def make_batch_transform(
     config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None
 ) -> functools.partial:
     """Host-side fn(batch, step) adding `unit_mask` int32 `[B, L]` (1 = removed),
-    `mask_redraws` int32 `[B]` and `plans` (`[M_local, ...]` leaves) for the rows' mask groups.
+    `removed_units` int32 `[B, K]`, `mask_redraws` int32 `[B]` and `plans` (`[M_local, ...]`
+    leaves) for the rows' mask groups.
 
     Mask group m holds the global batch rows `[m * B / M, (m + 1) * B / M)`; `M` =
     `config.mask.groups` (0: the number of data-parallel shards of `mesh`; one without a mesh).
@@ -365,10 +395,11 @@ def num_mask_groups(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh |
 def loss_fn(
     model: GreenMIMModel, batch: dict, rngs: nnx.Rngs | None
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Norm-pix MSE on removed units; aux holds the metrics."""
-    pred = model(batch["image"], batch["plans"], batch["unit_mask"], rngs=rngs)
-    target = norm_pix.norm_pix_targets(batch["image"], model.unit)
-    loss = norm_pix.masked_mse(pred, target, batch["unit_mask"])
+    """Norm-pix MSE on removed units, predicted at those units only; aux holds the metrics."""
+    units = batch["removed_units"]
+    pred = model(batch["image"], batch["plans"], batch["unit_mask"], rngs=rngs, units=units)
+    target = take_rows(norm_pix.norm_pix_targets(batch["image"], model.unit), units)
+    loss = jnp.mean(jnp.square(pred.astype(jnp.float32) - target))
     return loss, {
         "mse_masked": loss,
         "mask_fraction": jnp.mean(batch["unit_mask"] * 1.0),
