@@ -304,6 +304,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
                 f"final-stage patch {final_patch} (GreenMIM masks whole stage-4 tokens)",
             )
             _check(c.mask.groups >= 0, f"config.mask.groups={c.mask.groups} must be >= 0")
+            d = c.decoder
+            _check(
+                d.depth >= 1 and d.embed_dim % 4 == 0 and d.embed_dim % d.num_heads == 0,
+                f"config.decoder: depth={d.depth} must be >= 1 and embed_dim={d.embed_dim} "
+                f"divisible by 4 (sin-cos table) and by num_heads={d.num_heads}",
+            )
             for key in ("group_size", "num_groups"):
                 value = tuple(c.mask[key])
                 _check(

@@ -73,6 +73,12 @@ def test_per_stage_group_counts_from_the_config():
         config_lib.validate(config)
 
 
+def test_decoder_needs_a_block():
+    config = tiny_greenmim_config(**{"decoder.depth": 0})
+    with pytest.raises(config_lib.ConfigError, match=r"config.decoder: depth=0 must be >= 1"):
+        config_lib.validate(config)
+
+
 def test_one_compilation_over_50_steps_of_different_masks():
     config = tiny_greenmim_config(total_steps=50)
     config.model.drop_path_rate = 0.1

@@ -94,6 +94,7 @@ def test_lean_backwards_keep_fewer_residuals():
     assert len(big(lambda v: jnp.sum(ln(v)), x)) == 1 < len(big(lambda v: jnp.sum(flax_ln(v)), x))
     assert big(lambda v: jnp.sum(layers.gelu(v)), x) == []  # Only its input, the argument.
     assert len(big(lambda v: jnp.sum(jax.nn.gelu(v, approximate=False)), x)) >= 2
+
     def attention(softmax):  # Values depend on the input too, as in attention.
         return lambda v: jnp.sum(softmax(v) @ jnp.tanh(v.T[:, :5]))
 

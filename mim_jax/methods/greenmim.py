@@ -208,11 +208,9 @@ class GreenMIMModel(nnx.Module):
         last block's queries, MLP, the final norm and the head run on the K units alone (the
         same values as the full decode there; the loss needs the removed units only)."""
         x = x + jnp.asarray(self.pos_embed, x.dtype)
-        last = len(self.decoder_blocks) - 1
+        last = len(self.decoder_blocks) - 1  # config_lib.validate: at least one block.
         for i, block in enumerate(self.decoder_blocks):
             x = block(x, units if i == last else None)
-        if units is not None and last < 0:
-            x = take_rows(x, units)
         return self.decoder_pred(self.decoder_norm(x))
 
     def __call__(
