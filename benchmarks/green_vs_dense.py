@@ -20,7 +20,7 @@ Keys:
   flops_ratio, temp_memory_ratio, step_time_ratio
                           green / dense. On CPU, temp memory depends on XLA's scheduler (run
                           with XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false
-                          for its memory-minimizing schedule) and holds terms that do not grow
+                          to compare under its other schedule) and holds terms that do not grow
                           with the batch, notably a copy of every weight the backward reads,
                           which XLA keeps for the in-place AdamW update when no gradient
                           clipping orders that update after the backward (GreenMIM's recipe).
