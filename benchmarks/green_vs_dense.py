@@ -111,16 +111,22 @@ def configs() -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
     return dense, green
 
 
-def compiled_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
-    """(compiled step, state, placed batch, compile seconds) of `config`'s train step."""
-    s = train.setup(config, mesh, num_examples=1_281_167)
-    state = s.init_state()
+def _compile(s: train.Setup, state, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+    """(compiled step, placed synthetic batch, compile seconds) of `s.train_step` at `state`."""
     with jax.set_mesh(mesh):
         local = synthetic_batch(config, config.batch_size // jax.process_count(), mesh)
         batch = s.place_batch(local)
         start = time.perf_counter()
         compiled = s.train_step.lower(state, batch).compile()
-    return compiled, state, batch, time.perf_counter() - start
+    return compiled, batch, time.perf_counter() - start
+
+
+def compiled_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+    """(compiled step, state, placed batch, compile seconds) of `config`'s train step."""
+    s = train.setup(config, mesh, num_examples=1_281_167)
+    state = s.init_state()
+    compiled, batch, seconds = _compile(s, state, config, mesh)
+    return compiled, state, batch, seconds
 
 
 def half_batch_temp_bytes(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> int:
@@ -128,9 +134,7 @@ def half_batch_temp_bytes(config: ml_collections.ConfigDict, mesh: jax.sharding.
     half = ml_collections.ConfigDict(config.to_dict())
     half.batch_size = config.batch_size // 2
     s = train.setup(half, mesh, num_examples=1_281_167)
-    with jax.set_mesh(mesh):
-        local = synthetic_batch(half, half.batch_size // jax.process_count(), mesh)
-        compiled = s.train_step.lower(s.abstract_state, s.place_batch(local)).compile()
+    compiled, _, _ = _compile(s, s.abstract_state, half, mesh)
     return memory_analysis(compiled)["temp_bytes"]
 
 
