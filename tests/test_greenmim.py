@@ -20,7 +20,7 @@ from helpers import load_config
 
 from mim_jax import convert, grouping, pytree
 from mim_jax.methods import greenmim, norm_pix
-from mim_jax.models import green_swin
+from mim_jax.models import green_swin, layers
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 
@@ -235,6 +235,35 @@ def test_norm_pix_targets_match_numpy():
     np.testing.assert_array_equal(
         np.asarray(norm_pix.unpatchify(norm_pix.patchify(jnp.asarray(images), 32), 32)), images
     )
+
+
+@pytest.mark.parametrize(("dtype", "atol"), [(jnp.float32, 1e-6), (jnp.bfloat16, 2e-2)])
+def test_linear_mse_matches_autodiff(dtype, atol):
+    """The fused head + MSE gives the loss and input/kernel/bias gradients of autodiff through
+    a `layers.Linear` of the same dtype, target gradient included."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 5, 8)), dtype)
+    kernel = jnp.asarray(rng.normal(size=(8, 12)) * 0.3, jnp.float32)
+    bias = jnp.asarray(rng.normal(size=(12,)), jnp.float32)
+    target = jnp.asarray(rng.normal(size=(2, 5, 12)), jnp.float32)
+
+    def reference(x, kernel, bias, target):
+        linear = layers.Linear(8, 12, (None, None), rngs=nnx.Rngs(params=0), dtype=dtype)
+        linear.kernel.value, linear.bias.value = kernel, bias
+        return jnp.mean(jnp.square(linear(x).astype(jnp.float32) - target))
+
+    def ours(x, kernel, bias, target):
+        return norm_pix.linear_mse(x, kernel, bias, target, dtype)
+
+    args = (x, kernel, bias, target)
+    loss, grads = jax.value_and_grad(ours, argnums=(0, 1, 2, 3))(*args)
+    ref_loss, ref_grads = jax.value_and_grad(reference, argnums=(0, 1, 2, 3))(*args)
+    np.testing.assert_allclose(loss, ref_loss, rtol=atol, atol=0)
+    for ours_g, ref_g in zip(grads, ref_grads, strict=True):
+        assert ours_g.dtype == ref_g.dtype
+        np.testing.assert_allclose(
+            np.asarray(ours_g, np.float32), np.asarray(ref_g, np.float32), atol=atol, rtol=atol
+        )
 
 
 def test_loss_ignores_visible_patches():

@@ -201,17 +201,34 @@ class GreenMIMModel(nnx.Module):
     def pos_embed(self) -> np.ndarray:
         return layers.sincos_pos_embed(self.mask_token.shape[0], self.grid)
 
-    def decode(self, x: jax.Array, units: jax.Array | None = None) -> jax.Array:
-        """Placed decoder tokens `[B, L, D]` -> predictions `[B, L, u*u*3]` (adds pos embed).
+    def decoder_features(self, x: jax.Array, units: jax.Array | None = None) -> jax.Array:
+        """Placed decoder tokens `[B, L, D]` -> normed features `[B, L, D]` (adds pos embed).
 
-        With `units` int `[B, K]`, only the predictions of those units, `[B, K, u*u*3]`: the
-        last block's queries, MLP, the final norm and the head run on the K units alone (the
-        same values as the full decode there; the loss needs the removed units only)."""
+        With `units` int `[B, K]`, only the features of those units, `[B, K, D]`: the last
+        block's queries, MLP and the final norm run on the K units alone (the same values as
+        the full decode there; the loss needs the removed units only)."""
         x = x + jnp.asarray(self.pos_embed, x.dtype)
         last = len(self.decoder_blocks) - 1  # config_lib.validate: at least one block.
         for i, block in enumerate(self.decoder_blocks):
             x = block(x, units if i == last else None)
-        return self.decoder_pred(self.decoder_norm(x))
+        return self.decoder_norm(x)
+
+    def decode(self, x: jax.Array, units: jax.Array | None = None) -> jax.Array:
+        """Placed decoder tokens `[B, L, D]` -> predictions `[B, L, u*u*3]` (`[B, K, u*u*3]`
+        at `units`, see `decoder_features`)."""
+        return self.decoder_pred(self.decoder_features(x, units))
+
+    def placed_tokens(
+        self,
+        images: jax.Array,
+        plans: green_swin.Plans,
+        unit_mask: jax.Array,
+        *,
+        rngs: nnx.Rngs | None = None,
+    ) -> jax.Array:
+        """Encoder latent embedded and placed in the L unit slots: the decoder input `[B, L, D]`."""
+        latent = self.encoder(images, plans, rngs=rngs)
+        return place_visible(self.decoder_embed(latent), unit_mask, self.mask_token[...])
 
     def __call__(
         self,
@@ -224,9 +241,7 @@ class GreenMIMModel(nnx.Module):
     ) -> jax.Array:
         """images `[B, H, W, 3]`, plans of the batch's mask, unit_mask `[B, L]` -> `[B, L, P]`
         (or `[B, K, P]` at `units` `[B, K]`, see `decode`)."""
-        latent = self.encoder(images, plans, rngs=rngs)
-        tokens = place_visible(self.decoder_embed(latent), unit_mask, self.mask_token[...])
-        return self.decode(tokens, units)
+        return self.decode(self.placed_tokens(images, plans, unit_mask, rngs=rngs), units)
 
 
 def build_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> GreenMIMModel:
@@ -393,11 +408,17 @@ def num_mask_groups(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh |
 def loss_fn(
     model: GreenMIMModel, batch: dict, rngs: nnx.Rngs | None
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Norm-pix MSE on removed units, predicted at those units only; aux holds the metrics."""
+    """Norm-pix MSE on removed units, predicted at those units only; aux holds the metrics.
+
+    The prediction head and the MSE form one `norm_pix.linear_mse` (one residual for the
+    head's backward instead of a gradient materialized per consumer)."""
     units = batch["removed_units"]
-    pred = model(batch["image"], batch["plans"], batch["unit_mask"], rngs=rngs, units=units)
+    tokens = model.placed_tokens(batch["image"], batch["plans"], batch["unit_mask"], rngs=rngs)
+    head = model.decoder_pred
     target = take_rows(norm_pix.norm_pix_targets(batch["image"], model.unit), units)
-    loss = jnp.mean(jnp.square(pred.astype(jnp.float32) - target))
+    loss = norm_pix.linear_mse(
+        model.decoder_features(tokens, units), head.kernel[...], head.bias[...], target, head.dtype
+    )
     return loss, {
         "mse_masked": loss,
         "mask_fraction": jnp.mean(batch["unit_mask"] * 1.0),

@@ -4,6 +4,7 @@ grid that un-normalizes norm-pix predictions with each target patch's mean and s
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -39,6 +40,45 @@ def norm_pix_targets(images: jax.Array, unit: int) -> jax.Array:
     """Per-patch normalized pixels `[B, L, unit*unit*C]` (SPEC 2.7)."""
     patches, mean, std = patch_stats(images, unit)
     return (patches - mean) / std
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def linear_mse(
+    x: jax.Array, kernel: jax.Array, bias: jax.Array, target: jax.Array, dtype: jnp.dtype
+) -> jax.Array:
+    """float32 `mean((x @ kernel + bias - target)**2)`: a `layers.Linear` head (computed in
+    `dtype`) and the MSE over everything, target `[..., P]`, x `[..., D]`.
+
+    Autodiff keeps `pred - target` and XLA fuses the `2 / n` factor into each of its consumers
+    (the head's bias, kernel and input gradients), materializing the `[..., P]` gradient once
+    per consumer; here the unscaled difference is the one residual and the factor scales the
+    small results (the target's gradient, unused for data, is dropped by XLA).
+    """
+    return jnp.mean(jnp.square(_linear(x, kernel, bias, dtype).astype(jnp.float32) - target))
+
+
+def _linear(x, kernel, bias, dtype):
+    return x.astype(dtype) @ kernel.astype(dtype) + bias.astype(dtype)
+
+
+def _linear_mse_fwd(x, kernel, bias, target, dtype):
+    diff = _linear(x, kernel, bias, dtype).astype(jnp.float32) - target
+    return jnp.mean(jnp.square(diff)), (x, kernel, diff)
+
+
+def _linear_mse_bwd(dtype, residuals, g):
+    x, kernel, diff = residuals
+    scale = g * (2.0 / diff.size)
+    d = diff.reshape(-1, diff.shape[-1]).astype(dtype)
+    xs = x.reshape(-1, x.shape[-1]).astype(dtype)
+    dkernel = scale * jnp.matmul(xs.T, d, preferred_element_type=jnp.float32)
+    dx = scale * jnp.matmul(d, kernel.astype(dtype).T, preferred_element_type=jnp.float32)
+    dbias = scale * jnp.sum(d, axis=0, dtype=jnp.float32)
+    dtarget = (-scale * diff).astype(diff.dtype)
+    return dx.reshape(x.shape).astype(x.dtype), dkernel, dbias, dtarget
+
+
+linear_mse.defvjp(_linear_mse_fwd, _linear_mse_bwd)
 
 
 def masked_mse(pred: jax.Array, target: jax.Array, unit_mask: jax.Array) -> jax.Array:
