@@ -351,9 +351,11 @@ def test_gradients_are_finite():
     assert float(jnp.abs(table[...]).sum()) > 0
 
 
-def test_permutation_gathers_have_autodiff_gradients(monkeypatch):
-    """`permute_tokens`'s gather-only backward equals autodiff through plain gathers
-    (scatter-add) for every parameter, with two mask groups and pad slots."""
+@pytest.mark.parametrize("patch", ["permute_tokens", "grouped_core", "both"])
+def test_hand_written_backwards_equal_autodiff(monkeypatch, patch):
+    """`permute_tokens`'s gather-only backward and `grouped_core`'s backward (unpadded
+    residuals, q/k/v gathered again) equal autodiff through plain gathers (scatter-add) and
+    plain attention for every parameter, with two mask groups and pad slots."""
     s = _setup("two_stages")
     _, plans = s.plans(0, 1)
     graphdef = nnx.graphdef(s.green)
@@ -366,9 +368,53 @@ def test_permutation_gathers_have_autodiff_gradients(monkeypatch):
         return jax.grad(loss)(s.green_state)
 
     fast = grads()
-    monkeypatch.setattr(
-        green_swin, "permute_tokens", lambda x, index, *_: green_swin.take_tokens(x, index)
-    )
+    if patch in ("permute_tokens", "both"):
+        monkeypatch.setattr(
+            green_swin, "permute_tokens", lambda x, index, *_: green_swin.take_tokens(x, index)
+        )
+    if patch in ("grouped_core", "both"):
+        monkeypatch.setattr(
+            green_swin,
+            "grouped_core",
+            lambda qkv, bias, gather, slots, valid, heads: green_swin._core_forward(
+                qkv, bias, gather, slots, heads
+            )[0],
+        )
     reference = grads()
     for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(reference), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("dtype", "atol"), [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
+def test_grouped_core_backward_matches_autodiff(dtype, atol):
+    """`grouped_core`'s hand-written backward gives autodiff's qkv and bias gradients (autodiff
+    through the same forward), in float32 and bfloat16, on a grouping-stage plan with pads."""
+    s = _setup("two_stages")
+    _, plans = s.plans(0, 1)
+    plan = plans["stages"][0]["attn"][0]
+    num_masks, num_groups, g = plan["slot_window"].shape
+    assert (plan["slot_window"] < 0).any()  # pad slots present
+    heads, dim = 2, 8
+    rng = np.random.default_rng(3)
+    qkv = jnp.asarray(rng.normal(size=(BATCH, plan["slot_of_token"].shape[1], 3 * heads * dim)))
+    qkv = qkv.astype(dtype)
+    mask = grouping.group_attention_mask(jnp.asarray(plan["slot_window"]))
+    bias = jnp.asarray(rng.normal(size=(num_masks, num_groups, heads, g, g)), jnp.float32)
+    bias = bias + jnp.where(mask, 0.0, layers.MASK_VALUE)[:, :, None]
+    valid = jnp.asarray(plan["slot_window"].reshape(num_masks, -1) >= 0)
+    index = (jnp.asarray(plan["gather"]), jnp.asarray(plan["slot_of_token"]))
+    weights = jnp.asarray(rng.normal(size=(BATCH, qkv.shape[1], heads * dim)), jnp.float32)
+
+    def loss(core, qkv, bias):
+        out = core(qkv, bias, *index, valid, heads).astype(jnp.float32)
+        return jnp.sum(jnp.sin(out) * weights)
+
+    def autodiff_core(qkv, bias, gather, slots, valid, heads):
+        return green_swin._core_forward(qkv, bias, gather, slots, heads)[0]
+
+    ours = jax.grad(lambda q, b: loss(green_swin.grouped_core, q, b), argnums=(0, 1))(qkv, bias)
+    ref = jax.grad(lambda q, b: loss(autodiff_core, q, b), argnums=(0, 1))(qkv, bias)
+    for a, b in zip(ours, ref, strict=True):
+        assert a.dtype == b.dtype
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        np.testing.assert_allclose(a, b, atol=atol * np.abs(b).max(), rtol=0)

@@ -7,16 +7,17 @@ forward differs:
 - the visible patches are gathered (raster order) and only they are embedded (the patch conv
   as a matmul, `layers.PatchEmbed.embed_patches`);
 - per block, LayerNorm, qkv, output projection and MLP act per token on the flat
-  `[batch, N_vis, C]` sequence; only the attention core runs on the grouped layout of the
-  block's plan (shifted blocks use the shifted plan, no roll): q, k, v gathered to
-  `[.., G, heads, g, d]`, bias `table[rel_index] + where(attn_mask, 0, MASK_VALUE)` (both built
-  here from the plan's per-slot vectors), attention, scatter back with `slot_of_token`.
-  'masking' stages (one group holding every visible token) take the same path;
+  `[batch, N_vis, C]` sequence; only the attention core (`grouped_core`) runs on the grouped
+  layout of the block's plan (shifted blocks use the shifted plan, no roll): q, k, v gathered
+  to `[.., G, heads, g, d]`, bias `table[rel_index] + where(attn_mask, 0, MASK_VALUE)` (both
+  built here from the plan's per-slot vectors), attention, back to the tokens with
+  `slot_of_token`. Its backward keeps the unpadded qkv and gathers again (tests check it
+  against autodiff). 'masking' stages (one group holding every visible token) take the same
+  path;
 - sparse patch merging: gather the 4 sub-tokens of each visible coarse cell, concat on
-  channels (Swin order x0, x1, x2, x3), then `PatchMerging.merge`;
-- these three gathers are permutations of the tokens (pads aside), so `permute_tokens` gives
-  them a gather backward through the inverse index instead of autodiff's scatter-add into a
-  zero-filled buffer (less memory; tests check the gradients against autodiff);
+  channels (Swin order x0, x1, x2, x3), then `PatchMerging.merge`; that gather is a
+  permutation of the tokens, so `permute_tokens` gives it a gather backward through the
+  inverse index instead of autodiff's scatter-add into a zero-filled buffer;
 - final LayerNorm. Output `[batch, N_vis_last, C_last]` in raster order.
 
 Mask groups (SPEC 0): the batch holds `M` consecutive slices of `batch / M` examples, slice m
@@ -38,6 +39,7 @@ All shapes are static for a config (grouping.plan_specs), so masks change withou
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -99,56 +101,120 @@ def take_tokens(x: jax.Array, index: jax.Array) -> jax.Array:
 
 
 @jax.custom_vjp
-def permute_tokens(
-    x: jax.Array, index: jax.Array, inverse: jax.Array, valid: jax.Array | None = None
-) -> jax.Array:
+def permute_tokens(x: jax.Array, index: jax.Array, inverse: jax.Array) -> jax.Array:
     """`take_tokens(x, index)` whose backward is a gather instead of a scatter-add.
 
     For plan index pairs where every row t of `x` is read by exactly one output, `inverse[t]`
-    (`[M, N]`), and every other output is a pad whose cotangent is zero (pad slots of the
-    attention core) or is marked False in `valid` (`[M, K]`: those outputs read no row, their
-    cotangent is dropped). Then the gradient of x is `take_tokens(g, inverse)`: no zero-filled
-    `[batch, N, C]` accumulator and no scatter, which XLA would otherwise allocate per gather.
+    (`[M, N]`, e.g. the sparse merge's 4 sub-token reads): the gradient of x is
+    `take_tokens(g, inverse)`, with no zero-filled `[batch, N, C]` accumulator and no scatter,
+    which XLA would otherwise allocate per gather.
     """
     return take_tokens(x, index)
 
 
-def _permute_fwd(x, index, inverse, valid):
-    return take_tokens(x, index), (inverse, valid)
+def _permute_fwd(x, index, inverse):
+    return take_tokens(x, index), inverse
 
 
-def _permute_bwd(residuals, g):
-    inverse, valid = residuals
-    grad = take_tokens(g, inverse)
-    if valid is not None:
-        shape = (valid.shape[0], 1, valid.shape[1]) + (1,) * (grad.ndim - 2)
-        grouped = _groups(grad, valid.shape[0])
-        grad = jnp.where(valid.reshape(shape), grouped, 0).reshape(grad.shape)
-    return grad, None, None, None
+def _permute_bwd(inverse, g):
+    return take_tokens(g, inverse), None, None
 
 
 permute_tokens.defvjp(_permute_fwd, _permute_bwd)
 
 
+def _heads(x: jax.Array, num_masks: int, num_groups: int, heads: int) -> jax.Array:
+    """`[batch, G*g, heads*d]` slots -> `[M, batch / M, G, heads, g, d]`."""
+    x = x.reshape(num_masks, x.shape[0] // num_masks, num_groups, -1, heads, x.shape[-1] // heads)
+    return jnp.moveaxis(x, -2, -3)
+
+
+def _merge(x: jax.Array, batch: int) -> jax.Array:
+    """Inverse of `_heads`: `[M, b, G, heads, g, d]` -> `[batch, G*g, heads*d]`."""
+    x = jnp.moveaxis(x, -3, -2)
+    return x.reshape(batch, -1, x.shape[-2] * x.shape[-1])
+
+
+def _core_forward(qkv, bias, gather, slot_of_token, heads):
+    """Attention core on the grouped slots; returns the token outputs and the probabilities."""
+    batch = qkv.shape[0]
+    num_masks, num_groups = bias.shape[:2]
+    slots = _heads(take_tokens(qkv, gather), num_masks, num_groups, 3 * heads)
+    q, k, v = jnp.split(slots, 3, axis=-3)  # [M, b, G, heads, g, d] each
+    scale = q.shape[-1] ** -0.5
+    logits = jnp.einsum("...hqd,...hkd->...hqk", q * scale, k, preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(logits + bias[:, None], axis=-1)
+    out = jnp.einsum("...hqk,...hkd->...hqd", probs.astype(v.dtype), v)
+    return take_tokens(_merge(out, batch), slot_of_token), probs
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def grouped_core(
+    qkv: jax.Array,
+    bias: jax.Array,
+    gather: jax.Array,
+    slot_of_token: jax.Array,
+    valid: jax.Array,
+    heads: int,
+) -> jax.Array:
+    """Window attention of token projections `qkv [batch, N, 3C]` through a plan -> `[batch,
+    N, C]`: gather to the padded `[G, g]` slots, softmax(q k^T d^-0.5 + bias) v there, back.
+
+    `bias [M, G, heads, g, g]` (position bias + same-window mask), plan indices `gather [M,
+    G*g]`, `slot_of_token [M, N]`, `valid [M, G*g]` (False = pad slot). The backward keeps the
+    unpadded `qkv` and the probabilities only, and gathers q, k, v again together with the
+    incoming gradient (one gather that cannot run before the backward reaches this block):
+    autodiff would keep q, k and v in the padded layout (Swin-B/224's first stage: 980 slots
+    for 768 tokens).
+    """
+    return _core_forward(qkv, bias, gather, slot_of_token, heads)[0]
+
+
+def _core_fwd(qkv, bias, gather, slot_of_token, valid, heads):
+    out, probs = _core_forward(qkv, bias, gather, slot_of_token, heads)
+    return out, (qkv, probs, gather, slot_of_token, valid)
+
+
+def _core_bwd(heads, residuals, g):
+    qkv, probs, gather, slot_of_token, valid = residuals
+    batch = qkv.shape[0]
+    num_masks, num_groups = probs.shape[0], probs.shape[2]
+    both = take_tokens(jnp.concatenate([qkv, g.astype(qkv.dtype)], axis=-1), gather)
+    both = jnp.where(valid[:, None, :, None], _groups(both, num_masks), 0)  # zero pad slots
+    both = _heads(both.reshape(batch, *both.shape[2:]), num_masks, num_groups, 4 * heads)
+    q, k, v, d_out = jnp.split(both, 4, axis=-3)
+    scale = q.shape[-1] ** -0.5
+    weights = probs.astype(v.dtype)
+    d_v = jnp.einsum("...hqk,...hqd->...hkd", weights, d_out)
+    d_p = jnp.einsum("...hqd,...hkd->...hqk", d_out, v, preferred_element_type=jnp.float32)
+    d_logits = probs * (d_p - jnp.sum(d_p * probs, axis=-1, keepdims=True))
+    d_bias = jnp.sum(d_logits, axis=1)
+    d_l = d_logits.astype(q.dtype)
+    d_q = jnp.einsum("...hqk,...hkd->...hqd", d_l, k) * scale
+    d_k = jnp.einsum("...hqk,...hqd->...hkd", d_l, q) * scale
+    d_slots = _merge(jnp.concatenate([d_q, d_k, d_v], axis=-3), batch)
+    d_qkv = take_tokens(d_slots, slot_of_token).astype(qkv.dtype)
+    return d_qkv, d_bias, None, None, None
+
+
+grouped_core.defvjp(_core_fwd, _core_bwd)
+
+
 def grouped_attention(attn: swin.WindowAttention, x: jax.Array, plan: Plans) -> jax.Array:
     """Window attention of flat tokens `x [batch, N, C]` through one plan -> `[batch, N, C]`.
 
-    Only the attention core sees the padded `[G, g]` layout: the qkv projection runs on the N
-    tokens before the gather and the output projection after the scatter back.
+    Only the attention core (`grouped_core`) sees the padded `[G, g]` layout: the qkv
+    projection runs on the N tokens before it and the output projection after it.
     """
-    batch, _, channels = x.shape
-    num_masks, num_groups, g = plan["slot_window"].shape
-    heads = attn.num_heads
-    qkv = permute_tokens(attn.qkv(x), plan["gather"], plan["slot_of_token"])  # [B, S, 3C]
-    qkv = qkv.reshape(num_masks, -1, num_groups, g, 3, heads, channels // heads)
-    q, k, v = (jnp.moveaxis(qkv[..., i, :, :], -2, -3) for i in range(3))  # [M, b, G, heads, g, d]
+    num_masks = plan["slot_window"].shape[0]
     mask = grouping.group_attention_mask(plan["slot_window"])  # [M, G, g, g]
     rel = grouping.group_relative_index(plan["slot_pos"], mask, attn.window_size, jnp)
     bias = attn.position_bias(rel) + jnp.where(mask, 0.0, layers.MASK_VALUE)[:, :, None]
-    out = layers.merge_heads(layers.dot_product_attention(q, k, v, bias[:, None]))
-    out = out.reshape(batch, num_groups * g, channels)
     valid = plan["slot_window"].reshape(num_masks, -1) >= 0
-    return attn.proj(permute_tokens(out, plan["slot_of_token"], plan["gather"], valid))
+    out = grouped_core(
+        attn.qkv(x), bias, plan["gather"], plan["slot_of_token"], valid, attn.num_heads
+    )
+    return attn.proj(out)
 
 
 def green_block(
