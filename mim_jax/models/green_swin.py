@@ -125,27 +125,24 @@ permute_tokens.defvjp(_permute_fwd, _permute_bwd)
 
 def _heads(x: jax.Array, num_masks: int, num_groups: int, heads: int) -> jax.Array:
     """`[batch, G*g, heads*d]` slots -> `[M, batch / M, G, heads, g, d]`."""
-    x = x.reshape(num_masks, x.shape[0] // num_masks, num_groups, -1, heads, x.shape[-1] // heads)
-    return jnp.moveaxis(x, -2, -3)
+    x = x.reshape(num_masks, x.shape[0] // num_masks, num_groups, -1, x.shape[-1])
+    return layers.split_heads(x, heads)
 
 
 def _merge(x: jax.Array, batch: int) -> jax.Array:
     """Inverse of `_heads`: `[M, b, G, heads, g, d]` -> `[batch, G*g, heads*d]`."""
-    x = jnp.moveaxis(x, -3, -2)
-    return x.reshape(batch, -1, x.shape[-2] * x.shape[-1])
+    x = layers.merge_heads(x)
+    return x.reshape(batch, -1, x.shape[-1])
 
 
 def _core_forward(qkv, bias, gather, slot_of_token, heads):
     """Attention core on the grouped slots; returns the token outputs and the probabilities."""
-    batch = qkv.shape[0]
     num_masks, num_groups = bias.shape[:2]
     slots = _heads(take_tokens(qkv, gather), num_masks, num_groups, 3 * heads)
     q, k, v = jnp.split(slots, 3, axis=-3)  # [M, b, G, heads, g, d] each
-    scale = q.shape[-1] ** -0.5
-    logits = jnp.einsum("...hqd,...hkd->...hqk", q * scale, k, preferred_element_type=jnp.float32)
-    probs = jax.nn.softmax(logits + bias[:, None], axis=-1)
+    probs = layers.attention_probs(q, k, bias[:, None])
     out = jnp.einsum("...hqk,...hkd->...hqd", probs.astype(v.dtype), v)
-    return take_tokens(_merge(out, batch), slot_of_token), probs
+    return take_tokens(_merge(out, qkv.shape[0]), slot_of_token), probs
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -180,8 +177,8 @@ def _core_bwd(heads, residuals, g):
     batch = qkv.shape[0]
     num_masks, num_groups = probs.shape[0], probs.shape[2]
     both = take_tokens(jnp.concatenate([qkv, g.astype(qkv.dtype)], axis=-1), gather)
-    both = jnp.where(valid[:, None, :, None], _groups(both, num_masks), 0)  # zero pad slots
-    both = _heads(both.reshape(batch, *both.shape[2:]), num_masks, num_groups, 4 * heads)
+    both = _heads(both, num_masks, num_groups, 4 * heads)
+    both = jnp.where(valid.reshape(num_masks, 1, num_groups, 1, -1, 1), both, 0)  # zero pads
     q, k, v, d_out = jnp.split(both, 4, axis=-3)
     scale = q.shape[-1] ** -0.5
     weights = probs.astype(v.dtype)

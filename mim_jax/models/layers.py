@@ -320,12 +320,18 @@ def dot_product_attention(
     bias broadcastable to `[..., heads, q_tokens, k_tokens]` (relative position bias plus
     additive masks).
     """
+    weights = attention_probs(q, k, bias).astype(v.dtype)
+    return jnp.einsum("...hqk,...hkd->...hqd", weights, v)
+
+
+def attention_probs(q: jax.Array, k: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+    """float32 softmax(q k^T * d^-0.5 + bias) `[..., heads, q_tokens, k_tokens]` (shapes as
+    `dot_product_attention`)."""
     scale = q.shape[-1] ** -0.5
     logits = jnp.einsum("...hqd,...hkd->...hqk", q * scale, k, preferred_element_type=jnp.float32)
     if bias is not None:
         logits = logits + bias
-    weights = softmax(logits).astype(v.dtype)
-    return jnp.einsum("...hqk,...hkd->...hqd", weights, v)
+    return softmax(logits)
 
 
 def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
