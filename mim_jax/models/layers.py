@@ -93,12 +93,20 @@ class LayerNorm(nnx.LayerNorm):
 
 
 def _normalize(x, eps):
-    """float32 `(x - mean) * rstd` over the last axis and `rstd` (flax's fast variance)."""
+    """float32 `(x - mean) / std` over the last axis and `1 / std` (flax's fast variance).
+
+    The divisor is token-shaped on purpose (`std + 0 * x`): XLA keeps a division by a
+    full-size operand as a division, which its fusion pass will not duplicate into consumers.
+    With `* rstd` (or `/ std` on the broadcast, which XLA rewrites to a product), XLA:CPU
+    recomputes the normalized input inside the backward's dx fusion from `x`, so it keeps `x`
+    alive beside the stored normalized input (GreenMIM Swin-B/224 batch 32: 2.04 -> 1.90 GB temp,
+    SimMIM 7.45 -> 7.40 GB).
+    """
     x32 = x.astype(jnp.float32)
     mean = jnp.mean(x32, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True) - jnp.square(mean)
-    rstd = jax.lax.rsqrt(jnp.maximum(var, 0.0) + eps)
-    return (x32 - mean) * rstd, rstd
+    std = jnp.sqrt(jnp.maximum(var, 0.0) + eps)
+    return (x32 - mean) / (std + 0.0 * x32), 1.0 / std
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
