@@ -51,6 +51,35 @@ def test_layer_norm_matches_flax(dtype, atol):
     _assert_close(_value_and_grads(fn, x, params), _value_and_grads(ref_fn, x, ref_params), atol)
 
 
+@pytest.mark.parametrize(("dtype", "atol"), [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
+def test_norm_linear_matches_flax(dtype, atol):
+    """norm_linear (kernel gradient from the stored normalized input) vs autodiff through
+    flax's LayerNorm then Linear, every parameter and the input, shifted and scaled data."""
+    x = (3.0 + 2.0 * jax.random.normal(jax.random.key(0), (2, 5, 24))).astype(dtype)
+    norm = layers.LayerNorm(24, rngs=nnx.Rngs(params=0), eps=1e-6, dtype=dtype)
+    linear = layers.Linear(24, 40, ("embed", "mlp"), rngs=nnx.Rngs(params=1), dtype=dtype)
+    norm.scale[...] = 1.0 + 0.3 * jax.random.normal(jax.random.key(1), (24,))
+    norm.bias[...] = 0.5 * jax.random.normal(jax.random.key(2), (24,))
+    linear.bias[...] = 0.1 * jax.random.normal(jax.random.key(3), (40,))
+    flax_ln = nnx.LayerNorm(24, epsilon=1e-6, dtype=dtype, rngs=nnx.Rngs(params=0))
+    flax_ln.scale[...], flax_ln.bias[...] = norm.scale[...], norm.bias[...]
+    flax_linear = nnx.Linear(24, 40, dtype=dtype, rngs=nnx.Rngs(params=0))
+    flax_linear.kernel[...], flax_linear.bias[...] = linear.kernel[...], linear.bias[...]
+    ours_def, ours_params = nnx.split((norm, linear), nnx.Param)
+    ref_def, ref_params = nnx.split((flax_ln, flax_linear), nnx.Param)
+
+    def ours(x, p):
+        n, lin = nnx.merge(ours_def, p)
+        return layers.norm_linear(n, lin, x)
+
+    def reference(x, p):
+        n, lin = nnx.merge(ref_def, p)
+        return lin(n(x))
+
+    ref = _value_and_grads(reference, x, ref_params)
+    _assert_close(_value_and_grads(ours, x, ours_params), ref, atol)
+
+
 def test_layer_norm_keeps_dtype_of_input():
     """A float32 residual stream into a bfloat16 norm: output bf16, input gradient float32."""
     ln = layers.LayerNorm(8, rngs=nnx.Rngs(params=0), dtype=jnp.bfloat16)

@@ -87,10 +87,13 @@ class Attention(nnx.Module):
             dim, dim, ("heads", "embed"), rngs=rngs, dtype=dtype, kernel_init=_xavier()
         )
 
-    def __call__(self, x: jax.Array, queries: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, queries: jax.Array | None = None, norm: layers.LayerNorm | None = None
+    ) -> jax.Array:
         """x `[B, L, D]` -> `[B, L, D]`; with `queries` int `[B, K]`, only those tokens attend
-        (to all L) and the output is `[B, K, D]`."""
-        q, k, v = jnp.split(self.qkv(x), 3, -1)
+        (to all L) and the output is `[B, K, D]`. With `norm`, of `norm(x)` (`norm_linear`)."""
+        qkv = self.qkv(x) if norm is None else layers.norm_linear(norm, self.qkv, x)
+        q, k, v = jnp.split(qkv, 3, -1)
         if queries is not None:
             q = take_rows(q, queries)
         q, k, v = (layers.split_heads(t, self.num_heads) for t in (q, k, v))
@@ -120,9 +123,9 @@ class TransformerBlock(nnx.Module):
     def __call__(self, x: jax.Array, queries: jax.Array | None = None) -> jax.Array:
         """x `[B, L, D]` -> `[B, L, D]`, or `[B, K, D]` at the `queries` `[B, K]` only (the
         attention still reads every token; the residual and MLP run on the K)."""
-        h = self.attn(self.norm1(x), queries)
+        h = self.attn(x, queries, self.norm1)
         x = (x if queries is None else take_rows(x, queries)) + h
-        return layers.constrain_batch(x + self.mlp(self.norm2(x)))
+        return layers.constrain_batch(x + self.mlp(x, self.norm2))
 
 
 def take_rows(x: jax.Array, rows: jax.Array) -> jax.Array:

@@ -197,8 +197,11 @@ def _core_bwd(heads, residuals, g):
 grouped_core.defvjp(_core_fwd, _core_bwd)
 
 
-def grouped_attention(attn: swin.WindowAttention, x: jax.Array, plan: Plans) -> jax.Array:
-    """Window attention of flat tokens `x [batch, N, C]` through one plan -> `[batch, N, C]`.
+def grouped_attention(
+    attn: swin.WindowAttention, norm: layers.LayerNorm, x: jax.Array, plan: Plans
+) -> jax.Array:
+    """Window attention of `norm(x)`, flat tokens `[batch, N, C]`, through one plan -> `[batch,
+    N, C]`.
 
     Only the attention core (`grouped_core`) sees the padded `[G, g]` layout: the qkv
     projection runs on the N tokens before it and the output projection after it.
@@ -208,9 +211,8 @@ def grouped_attention(attn: swin.WindowAttention, x: jax.Array, plan: Plans) -> 
     rel = grouping.group_relative_index(plan["slot_pos"], mask, attn.window_size, jnp)
     bias = attn.position_bias(rel) + jnp.where(mask, 0.0, layers.MASK_VALUE)[:, :, None]
     valid = plan["slot_window"].reshape(num_masks, -1) >= 0
-    out = grouped_core(
-        attn.qkv(x), bias, plan["gather"], plan["slot_of_token"], valid, attn.num_heads
-    )
+    qkv = layers.norm_linear(norm, attn.qkv, x)
+    out = grouped_core(qkv, bias, plan["gather"], plan["slot_of_token"], valid, attn.num_heads)
     return attn.proj(out)
 
 
@@ -219,9 +221,9 @@ def green_block(
 ) -> jax.Array:
     """A SwinBlock on flat visible tokens `[batch, N, C]`; shifted blocks use `attn_plans[1]`."""
     plan = attn_plans[1 if block.shift else 0]
-    h = grouped_attention(block.attn, block.norm1(x), plan)
+    h = grouped_attention(block.attn, block.norm1, x, plan)
     x = x + layers.drop_path(h, block.drop_path, rngs)
-    x = x + layers.drop_path(block.mlp(block.norm2(x)), block.drop_path, rngs)
+    x = x + layers.drop_path(block.mlp(x, block.norm2), block.drop_path, rngs)
     return layers.constrain_batch(x)
 
 

@@ -122,7 +122,7 @@ class Block(nnx.Module):
         """x `[batch, ..., C]` (`[batch, tokens, C]` with attention) -> same shape."""
         if self.attn is not None:
             x = x + layers.drop_path(self.attn(self.norm1(x), rpe_index), self.drop_path, rngs)
-        x = x + layers.drop_path(self.mlp(self.norm2(x)), self.drop_path, rngs)
+        x = x + layers.drop_path(self.mlp(x, self.norm2), self.drop_path, rngs)
         return layers.constrain_batch(x)
 
 

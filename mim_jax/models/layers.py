@@ -146,6 +146,61 @@ def _layer_norm_bwd(eps, dtype, residuals, g):
 layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
+def norm_linear(norm: LayerNorm, linear: Linear, x: jax.Array) -> jax.Array:
+    """`linear(norm(x))` whose backward keeps only the normalized input and the inverse std.
+
+    Autodiff of the pair also keeps the Linear's input `xhat * scale + bias` for its kernel
+    gradient: one more token-sized buffer per norm. Here that gradient is
+    `scale[:, None] * (xhat^T g) + bias[:, None] * sum(g)`, which reads the stored `xhat`.
+    Same parameters as the two modules (the parameter tree does not change).
+    """
+    if linear.bias is None:
+        raise ValueError("norm_linear needs a Linear with a bias")
+    dtype = jnp.dtype(norm.dtype or x.dtype)
+    if jnp.dtype(linear.dtype or dtype) != dtype:
+        raise ValueError(f"norm_linear: norm dtype {dtype} != linear dtype {linear.dtype}")
+    return _norm_linear(
+        x,
+        norm.scale[...],
+        norm.bias[...],
+        linear.kernel[...],
+        linear.bias[...],
+        norm.epsilon,
+        dtype,
+    )
+
+
+def _affine(y, kernel, bias, dtype):
+    """nnx.Linear's forward on `y` (already in `dtype`)."""
+    out = jax.lax.dot_general(y, kernel.astype(dtype), (((y.ndim - 1,), (0,)), ((), ())))
+    return out + bias.astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _norm_linear(x, scale, bias, kernel, linear_bias, eps, dtype):
+    return _affine(layer_norm(x, scale, bias, eps, dtype), kernel, linear_bias, dtype)
+
+
+def _norm_linear_fwd(x, scale, bias, kernel, linear_bias, eps, dtype):
+    y, residuals = _layer_norm_fwd(x, scale, bias, eps, dtype)
+    return _affine(y, kernel, linear_bias, dtype), (residuals, bias, kernel)
+
+
+def _norm_linear_bwd(eps, dtype, residuals, g):
+    norm_residuals, bias, kernel = residuals
+    xhat, _, scale, _ = norm_residuals
+    g_flat = g.reshape(-1, g.shape[-1])
+    g_sum = jnp.sum(g_flat.astype(jnp.float32), axis=0)
+    xtg = jnp.dot(xhat.reshape(-1, xhat.shape[-1]).T, g_flat, preferred_element_type=jnp.float32)
+    d_kernel = scale[:, None] * xtg + bias[:, None] * g_sum
+    d_y = jax.lax.dot_general(g, kernel.astype(dtype), (((g.ndim - 1,), (1,)), ((), ())))
+    dx, d_scale, d_bias = _layer_norm_bwd(eps, dtype, norm_residuals, d_y)
+    return dx, d_scale, d_bias, d_kernel, g_sum
+
+
+_norm_linear.defvjp(_norm_linear_fwd, _norm_linear_bwd)
+
+
 @jax.custom_vjp
 def gelu(x: jax.Array) -> jax.Array:
     """Exact (erf) GELU, PyTorch's default, whose backward keeps only its input.
@@ -178,8 +233,10 @@ class Mlp(nnx.Module):
         self.fc1 = Linear(dim, hidden, ("embed", "mlp"), rngs=rngs, dtype=dtype)
         self.fc2 = Linear(hidden, dim, ("mlp", "embed"), rngs=rngs, dtype=dtype)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(gelu(self.fc1(x)))
+    def __call__(self, x: jax.Array, norm: LayerNorm | None = None) -> jax.Array:
+        """`x [..., dim]` -> `[..., dim]`; with `norm`, of `norm(x)` (through `norm_linear`)."""
+        h = self.fc1(x) if norm is None else norm_linear(norm, self.fc1, x)
+        return self.fc2(gelu(h))
 
 
 def drop_path(x: jax.Array, rate: float, rngs: nnx.Rngs | None) -> jax.Array:

@@ -90,9 +90,13 @@ class WindowAttention(nnx.Module):
             rngs, layers.trunc_normal(), ((2 * window_size - 1) ** 2, num_heads), ("table", None)
         )
 
-    def qkv_heads(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """`[..., tokens, C]` -> q, k, v each `[..., heads, tokens, head_dim]`."""
-        q, k, v = jnp.split(self.qkv(x), 3, axis=-1)
+    def qkv_heads(
+        self, x: jax.Array, norm: layers.LayerNorm | None = None
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """`[..., tokens, C]` -> q, k, v each `[..., heads, tokens, head_dim]` (of `norm(x)`
+        with `norm`, through `layers.norm_linear`)."""
+        qkv = self.qkv(x) if norm is None else layers.norm_linear(norm, self.qkv, x)
+        q, k, v = jnp.split(qkv, 3, axis=-1)
         return tuple(layers.split_heads(t, self.num_heads) for t in (q, k, v))
 
     def position_bias(self, index: jax.Array | np.ndarray) -> jax.Array:
@@ -104,9 +108,15 @@ class WindowAttention(nnx.Module):
         """`[..., heads, tokens, head_dim]` -> output projection `[..., tokens, C]`."""
         return self.proj(layers.merge_heads(attended))
 
-    def __call__(self, x: jax.Array, mask: np.ndarray | None = None) -> jax.Array:
-        """x `[batch, windows, window**2, C]`; mask `[windows, window**2, window**2]` (additive)."""
-        q, k, v = self.qkv_heads(x)
+    def __call__(
+        self,
+        x: jax.Array,
+        mask: np.ndarray | None = None,
+        norm: layers.LayerNorm | None = None,
+    ) -> jax.Array:
+        """x `[batch, windows, window**2, C]`; mask `[windows, window**2, window**2]` (additive);
+        `norm` applied to x first (see `qkv_heads`)."""
+        q, k, v = self.qkv_heads(x, norm)
         index = layers.relative_position_index(self.window_size, self.window_size)
         bias = self.position_bias(index)
         if mask is not None:
@@ -144,17 +154,17 @@ class SwinBlock(nnx.Module):
 
     def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
         """x `[batch, H, W, C]` -> same shape."""
-        h = self.norm1(x)
+        h = x  # norm1 is per token, so it runs after the shift and partition, with the qkv.
         mask = None
         if self.shift:
             h = jnp.roll(h, (-self.shift, -self.shift), axis=(1, 2))
             mask = shifted_window_mask(self.resolution, self.window, self.shift)
-        h = self.attn(window_partition(h, self.window), mask)
+        h = self.attn(window_partition(h, self.window), mask, self.norm1)
         h = window_reverse(h, self.window, self.resolution, self.resolution)
         if self.shift:
             h = jnp.roll(h, (self.shift, self.shift), axis=(1, 2))
         x = x + layers.drop_path(h, self.drop_path, rngs)
-        x = x + layers.drop_path(self.mlp(self.norm2(x)), self.drop_path, rngs)
+        x = x + layers.drop_path(self.mlp(x, self.norm2), self.drop_path, rngs)
         return layers.constrain_batch(x)
 
 

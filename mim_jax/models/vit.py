@@ -167,7 +167,7 @@ class Block(nnx.Module):
         """x `[batch, tokens, C]` -> same shape."""
         h = self._scaled(self.attn(self.norm1(x), rel_pos_bias), self.gamma_1)
         x = x + layers.drop_path(h, self.drop_path, rngs)
-        h = self._scaled(self.mlp(self.norm2(x)), self.gamma_2)
+        h = self._scaled(self.mlp(x, self.norm2), self.gamma_2)
         x = x + layers.drop_path(h, self.drop_path, rngs)
         return layers.constrain_batch(x)
 
