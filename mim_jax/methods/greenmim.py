@@ -92,8 +92,7 @@ class Attention(nnx.Module):
     ) -> jax.Array:
         """x `[B, L, D]` -> `[B, L, D]`; with `queries` int `[B, K]`, only those tokens attend
         (to all L) and the output is `[B, K, D]`. With `norm`, of `norm(x)` (`norm_linear`)."""
-        qkv = self.qkv(x) if norm is None else layers.norm_linear(norm, self.qkv, x)
-        q, k, v = jnp.split(qkv, 3, -1)
+        q, k, v = jnp.split(layers.norm_linear(norm, self.qkv, x), 3, -1)
         if queries is not None:
             q = take_rows(q, queries)
         q, k, v = (layers.split_heads(t, self.num_heads) for t in (q, k, v))

@@ -146,14 +146,17 @@ def _layer_norm_bwd(eps, dtype, residuals, g):
 layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
-def norm_linear(norm: LayerNorm, linear: Linear, x: jax.Array) -> jax.Array:
-    """`linear(norm(x))` whose backward keeps only the normalized input and the inverse std.
+def norm_linear(norm: LayerNorm | None, linear: Linear, x: jax.Array) -> jax.Array:
+    """`linear(norm(x))` whose backward keeps only the normalized input and the inverse std
+    (`linear(x)` when `norm` is None).
 
     Autodiff of the pair also keeps the Linear's input `xhat * scale + bias` for its kernel
     gradient: one more token-sized buffer per norm. Here that gradient is
     `scale[:, None] * (xhat^T g) + bias[:, None] * sum(g)`, which reads the stored `xhat`.
     Same parameters as the two modules (the parameter tree does not change).
     """
+    if norm is None:
+        return linear(x)
     if linear.bias is None:
         raise ValueError("norm_linear needs a Linear with a bias")
     dtype = jnp.dtype(norm.dtype or x.dtype)
@@ -235,8 +238,7 @@ class Mlp(nnx.Module):
 
     def __call__(self, x: jax.Array, norm: LayerNorm | None = None) -> jax.Array:
         """`x [..., dim]` -> `[..., dim]`; with `norm`, of `norm(x)` (through `norm_linear`)."""
-        h = self.fc1(x) if norm is None else norm_linear(norm, self.fc1, x)
-        return self.fc2(gelu(h))
+        return self.fc2(gelu(norm_linear(norm, self.fc1, x)))
 
 
 def drop_path(x: jax.Array, rate: float, rngs: nnx.Rngs | None) -> jax.Array:

@@ -95,8 +95,7 @@ class WindowAttention(nnx.Module):
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """`[..., tokens, C]` -> q, k, v each `[..., heads, tokens, head_dim]` (of `norm(x)`
         with `norm`, through `layers.norm_linear`)."""
-        qkv = self.qkv(x) if norm is None else layers.norm_linear(norm, self.qkv, x)
-        q, k, v = jnp.split(qkv, 3, axis=-1)
+        q, k, v = jnp.split(layers.norm_linear(norm, self.qkv, x), 3, axis=-1)
         return tuple(layers.split_heads(t, self.num_heads) for t in (q, k, v))
 
     def position_bias(self, index: jax.Array | np.ndarray) -> jax.Array:
