@@ -127,9 +127,37 @@ class TransformerBlock(nnx.Module):
         return layers.constrain_batch(x + self.mlp(x, self.norm2))
 
 
-def take_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
-    """Per-example token gather: `x [B, L, ...]`, `rows` int `[B, K]` -> `[B, K, ...]`."""
+def _take_rows(x, rows):
     return jnp.take_along_axis(x, rows.reshape(*rows.shape, *(1,) * (x.ndim - 2)), axis=1)
+
+
+@jax.custom_vjp
+def take_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
+    """Per-example token gather: `x [B, L, ...]`, distinct `rows` int `[B, K]` -> `[B, K, ...]`.
+
+    The backward gathers too: position l of x gets the gradient of the output row that read
+    it, or zero. Autodiff scatter-adds into a zero `[B, L, ...]` array, which XLA:CPU
+    materializes early in the forward and keeps until this backward.
+    """
+    return _take_rows(x, rows)
+
+
+def _take_rows_fwd(x, rows):
+    # The empty array carries x's length and dtype to the backward.
+    return _take_rows(x, rows), (rows, jnp.zeros((x.shape[1], 0), x.dtype))
+
+
+def _take_rows_bwd(residuals, g):
+    rows, x_like = residuals
+    (batch, k), length = rows.shape, x_like.shape[0]
+    read_by = jnp.full((batch, length), k, rows.dtype)  # k = read by no output row.
+    read_by = read_by.at[jnp.arange(batch)[:, None], rows].set(jnp.arange(k, dtype=rows.dtype))
+    picked = _take_rows(g, jnp.minimum(read_by, k - 1))
+    keep = (read_by < k).reshape(*read_by.shape, *(1,) * (g.ndim - 2))
+    return jnp.where(keep, picked, 0).astype(x_like.dtype), None
+
+
+take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
 
 
 def place_visible(tokens: jax.Array, unit_mask: jax.Array, mask_token: jax.Array) -> jax.Array:

@@ -10,6 +10,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from mim_jax.models import layers
+
 NORM_PIX_EPS = 1e-6
 
 
@@ -71,8 +73,8 @@ def _linear_mse_bwd(dtype, residuals, g):
     scale = g * (2.0 / diff.size)
     d = diff.reshape(-1, diff.shape[-1]).astype(dtype)
     xs = x.reshape(-1, x.shape[-1]).astype(dtype)
-    dkernel = scale * jnp.matmul(xs.T, d, preferred_element_type=jnp.float32)
     dx = scale * jnp.matmul(d, kernel.astype(dtype).T, preferred_element_type=jnp.float32)
+    dkernel = scale * jnp.matmul(layers.after(xs, dx).T, d, preferred_element_type=jnp.float32)
     dbias = scale * jnp.sum(d, axis=0, dtype=jnp.float32)
     dtarget = (-scale * diff).astype(diff.dtype)
     return dx.reshape(x.shape).astype(x.dtype), dkernel, dbias, dtarget

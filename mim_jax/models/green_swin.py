@@ -167,17 +167,41 @@ def grouped_core(
     return _core_forward(qkv, bias, gather, slot_of_token, heads)[0]
 
 
+def _token_rows(probs: jax.Array, slot_of_token: jax.Array) -> jax.Array:
+    """Probabilities `[M, b, G, heads, g, g]` -> the query rows of the N tokens, `[batch, N,
+    heads * g]`: pad slots' rows (zero gradient, never read) are not kept."""
+    num_masks, b, num_groups, heads, size, _ = probs.shape
+    rows = jnp.swapaxes(probs, 3, 4).reshape(num_masks * b, num_groups * size, heads * size)
+    return take_tokens(rows, slot_of_token)
+
+
+def _slot_rows(rows: jax.Array, valid: jax.Array, heads: int) -> jax.Array:
+    """Token rows gathered to the slots, `[batch, G*g, heads * g]` -> probabilities `[M, b, G,
+    heads, g, g]`, pad slots' rows zero (the inverse of `_token_rows`)."""
+    num_masks, slots = valid.shape
+    size = rows.shape[-1] // heads
+    padded = jnp.where(valid[:, None, :, None], _groups(rows, num_masks), 0)
+    return jnp.swapaxes(padded.reshape(num_masks, -1, slots // size, size, heads, size), 3, 4)
+
+
 def _core_fwd(qkv, bias, gather, slot_of_token, valid, heads):
     out, probs = _core_forward(qkv, bias, gather, slot_of_token, heads)
+    if gather.shape[1] > slot_of_token.shape[1]:  # Pad slots: keep the tokens' rows only.
+        probs = _token_rows(probs, slot_of_token)
     return out, (qkv, probs, gather, slot_of_token, valid)
 
 
 def _core_bwd(heads, residuals, g):
     qkv, probs, gather, slot_of_token, valid = residuals
-    batch = qkv.shape[0]
+    batch, width = qkv.shape[0], qkv.shape[-1] * 4 // 3
+    parts = [qkv, g.astype(qkv.dtype)]
+    if probs.ndim == 3:  # Token rows: gathered with the gradient, so not before it exists.
+        parts = [part.astype(probs.dtype) for part in parts] + [probs]
+    both = take_tokens(jnp.concatenate(parts, axis=-1), gather)
+    if probs.ndim == 3:
+        probs = _slot_rows(both[..., width:], valid, heads)
     num_masks, num_groups = probs.shape[0], probs.shape[2]
-    both = take_tokens(jnp.concatenate([qkv, g.astype(qkv.dtype)], axis=-1), gather)
-    both = _heads(both, num_masks, num_groups, 4 * heads)
+    both = _heads(both[..., :width].astype(qkv.dtype), num_masks, num_groups, 4 * heads)
     both = jnp.where(valid.reshape(num_masks, 1, num_groups, 1, -1, 1), both, 0)  # zero pads
     q, k, v, d_out = jnp.split(both, 4, axis=-3)
     scale = q.shape[-1] ** -0.5
