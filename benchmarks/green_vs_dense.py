@@ -21,10 +21,8 @@ Keys:
                           green / dense. On CPU, temp memory depends on XLA's scheduler (run
                           with XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false
                           to compare under its other schedule) and holds terms that do not grow
-                          with the batch, notably a copy of every weight the backward reads,
-                          which XLA keeps for the in-place AdamW update when no gradient
-                          clipping orders that update after the backward (GreenMIM's recipe).
-                          Those weigh most at small batches, hence the default of 32.
+                          with the batch (optimizer temporaries, plan tensors), which weigh
+                          most at small batches, hence the default of 32.
   temp_memory_ratio_marginal
                           the same ratio for one more example: green over dense growth of the
                           temp memory from --batch / 2 to --batch (both steps compiled at the

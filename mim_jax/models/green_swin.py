@@ -159,10 +159,10 @@ def grouped_core(
 
     `bias [M, G, heads, g, g]` (position bias + same-window mask), plan indices `gather [M,
     G*g]`, `slot_of_token [M, N]`, `valid [M, G*g]` (False = pad slot). The backward keeps the
-    unpadded `qkv` and the probabilities only, and gathers q, k, v again together with the
-    incoming gradient (one gather that cannot run before the backward reaches this block):
-    autodiff would keep q, k and v in the padded layout (Swin-B/224's first stage: 980 slots
-    for 768 tokens).
+    unpadded `qkv` and the probabilities of the tokens' query rows only, and gathers q, k, v
+    and those rows back to the slots together with the incoming gradient (one gather that
+    cannot run before the backward reaches this block): autodiff would keep q, k, v and every
+    slot's row in the padded layout (Swin-B/224's first stage: 980 slots for 768 tokens).
     """
     return _core_forward(qkv, bias, gather, slot_of_token, heads)[0]
 
