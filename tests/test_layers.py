@@ -140,7 +140,7 @@ class _Mlp(nnx.Module):
 def test_donated_update_keeps_no_weight_copies():
     """Without gradient clipping nothing else orders an in-place update after the backward's
     read of that weight, and XLA copies every weight it reads (the flax layers below); the
-    kernel gradients of Linear and norm_linear wait for their input gradient (`after`)."""
+    kernel gradients of Linear and norm_linear wait for their input gradient (`kernel_grad`)."""
     assert _kernel_copies(lambda: _Mlp(lean=False)) > 0, "the copy detector finds no copies"
     assert _kernel_copies(lambda: _Mlp(lean=True)) == 0
 

@@ -74,7 +74,7 @@ def _linear_mse_bwd(dtype, residuals, g):
     d = diff.reshape(-1, diff.shape[-1]).astype(dtype)
     xs = x.reshape(-1, x.shape[-1]).astype(dtype)
     dx = scale * jnp.matmul(d, kernel.astype(dtype).T, preferred_element_type=jnp.float32)
-    dkernel = scale * jnp.matmul(layers.after(xs, dx).T, d, preferred_element_type=jnp.float32)
+    dkernel = scale * layers.kernel_grad(xs, dx, d)
     dbias = scale * jnp.sum(d, axis=0, dtype=jnp.float32)
     dtarget = (-scale * diff).astype(diff.dtype)
     return dx.reshape(x.shape).astype(x.dtype), dkernel, dbias, dtarget

@@ -194,11 +194,12 @@ def _core_fwd(qkv, bias, gather, slot_of_token, valid, heads):
 def _core_bwd(heads, residuals, g):
     qkv, probs, gather, slot_of_token, valid = residuals
     batch, width = qkv.shape[0], qkv.shape[-1] * 4 // 3
+    token_rows = probs.ndim == 3  # `_core_fwd` kept the tokens' rows only.
     parts = [qkv, g.astype(qkv.dtype)]
-    if probs.ndim == 3:  # Token rows: gathered with the gradient, so not before it exists.
+    if token_rows:  # Gathered with the gradient, so not before it exists.
         parts = [part.astype(probs.dtype) for part in parts] + [probs]
     both = take_tokens(jnp.concatenate(parts, axis=-1), gather)
-    if probs.ndim == 3:
+    if token_rows:
         probs = _slot_rows(both[..., width:], valid, heads)
     num_masks, num_groups = probs.shape[0], probs.shape[2]
     both = _heads(both[..., :width].astype(qkv.dtype), num_masks, num_groups, 4 * heads)
