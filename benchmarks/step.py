@@ -62,7 +62,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
 from probe import cost_analysis, host_info, memory_analysis, synthetic_batch
 
-from mim_jax import config_lib, sharding, train
+from mim_jax import config_checks, sharding, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -152,7 +152,7 @@ def matmul_roofline(mesh: jax.sharding.Mesh, dtype) -> dict[str, float]:
 
 def benchmark(config: ml_collections.ConfigDict, variant: str) -> dict[str, object]:
     """Compiles and times the train step of `config`; returns the JSON record."""
-    config_lib.validate(config)
+    config_checks.validate(config)
     mesh = sharding.make_mesh(config.mesh)
     sharding.log_mesh(mesh)
     num_devices = mesh.devices.size

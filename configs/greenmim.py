@@ -19,6 +19,10 @@ groups, while 5000 masks used 16.8 and 4.1 on average, at most 21 and 6), and ev
 slot costs attention FLOPs and memory, so the Swin-B/L variants set the counts that 1 - 2 in
 1000 masks overflow (window 7: 20 and 5; window 14: 5). Overflowing masks are redrawn
 deterministically and counted (`mask_redraws`; tests/test_greenmim.py checks the rates).
+Loss: MSE on the removed units against per-patch normalized pixels, `norm_pix_loss=True`
+(default: the paper's runs and released scripts pass `--norm_pix_loss`); `norm_pix_loss=false`
+(the official `main_pretrain.py` default) regresses the plain normalized pixels instead
+(`--config.norm_pix_loss=false` or `:quickstart,norm_pix_loss=false`).
 
 Launch:
   python -m mim_jax.main --config=configs/greenmim.py:quickstart --workdir=/tmp/green
@@ -39,6 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     variant = variant or "swin_base_224"
     c = config_lib.base_config()
     c.method = "greenmim"
+    c.norm_pix_loss = True
     c.model = config_lib.swin_model(128, (4, 8, 16, 32), 7, img_size=224, norm_eps=1e-6)
     c.mask = ml_collections.ConfigDict(
         dict(patch_size=32, ratio=0.75, groups=0, group_size=(0, 0, 0, 0), num_groups=(0, 0, 0, 0))

@@ -19,6 +19,9 @@ batch / 256 with blr 1.5e-4, 40 warmup epochs then a half-cycle cosine to 0, no 
 `pixel_weight`, per-stage `weights`, `loss` mse | smooth_l1, `masked_only`, EMA `momentum`
 with `momentum_schedule` cosine (to 1) | constant; CLIP: `clip_weight`, `clip` (architecture,
 input size, the BEiT-v2 scaling quirk) and `teacher_checkpoint`.
+Pixel target: `norm_pix_loss=True` (default, hard-coded on in the released code) regresses
+per-patch normalized pixels; `norm_pix_loss=false` the plain normalized pixels
+(`--config.norm_pix_loss=false` or `:quickstart,norm_pix_loss=false`).
 
 CLIP teacher weights: save the OpenAI state_dict as .npz, e.g.
   python -c "import clip, numpy as np; m, _ = clip.load('ViT-B/16', device='cpu'); \
@@ -80,6 +83,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     variant = variant or "base_pixel_mfm"
     c = config_lib.base_config()
     c.method = "itpn"
+    c.norm_pix_loss = True
     c.model = ml_collections.ConfigDict(_model("large" if "large" in variant else "base"))
     c.mask = ml_collections.ConfigDict(dict(patch_size=16, ratio=0.75))
     c.decoder = ml_collections.ConfigDict(dict(embed_dim=512, depth=8, num_heads=16, norm_eps=1e-6))

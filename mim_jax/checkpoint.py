@@ -22,10 +22,28 @@ class CheckpointMismatchError(ValueError):
 class Checkpointer:
     """Thin wrapper over `ocp.CheckpointManager` for one train-state item."""
 
-    def __init__(self, directory: str, *, max_to_keep: int, async_save: bool = True):
+    def __init__(
+        self,
+        directory: str,
+        *,
+        max_to_keep: int,
+        async_save: bool = True,
+        best_metric: str | None = None,
+    ):
+        """With `best_metric`, the kept checkpoints are the highest by that metric (saved with
+        `save_if_best`) instead of the newest."""
         if "://" not in directory:
             directory = os.path.abspath(directory)
         self.directory = directory
+        self.best_metric = best_metric
+        self._best: float | None = None
+        best = {}
+        if best_metric is not None:
+            best = dict(
+                best_fn=lambda metrics: metrics[best_metric],
+                best_mode="max",
+                keep_checkpoints_without_metrics=False,
+            )
         self.manager = ocp.CheckpointManager(
             directory,
             item_handlers=ocp.StandardCheckpointHandler(),
@@ -33,6 +51,7 @@ class Checkpointer:
                 max_to_keep=max_to_keep,
                 create=True,
                 enable_async_checkpointing=async_save,
+                **best,
             ),
         )
 
@@ -44,6 +63,34 @@ class Checkpointer:
         """Starts saving `state` at `step` (async; committed atomically when done)."""
         self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
         logging.info("saving checkpoint for step %d to %s", step, self.directory)
+
+    def best_value(self) -> float | None:
+        """The best `best_metric` value saved so far (it survives restarts), or None."""
+        if self._best is None:
+            step = self.manager.best_step()
+            metrics = None if step is None else self.manager.metrics(step)
+            self._best = None if metrics is None else float(metrics[self.best_metric])
+        return self._best
+
+    def save_if_best(self, step: int, state, metrics: dict[str, float]) -> float:
+        """Saves `state` when `metrics[best_metric]` beats every earlier one; returns the best
+        value after this step."""
+        best = self.best_value()
+        value = float(metrics[self.best_metric])
+        if best is not None and value <= best:
+            return best
+        self.manager.save(
+            step, args=ocp.args.StandardSave(state), metrics={self.best_metric: value}, force=True
+        )
+        self._best = value
+        logging.info(
+            "new best %s %.4g at step %d: saved to %s",
+            self.best_metric,
+            value,
+            step,
+            self.directory,
+        )
+        return value
 
     def reached_preemption(self, step: int) -> bool:
         """True when the cluster signalled preemption and every host should save now."""

@@ -34,7 +34,11 @@ def base_config() -> ml_collections.ConfigDict:
     """Fields every method uses; a method config fills `model`, `mask` and the recipe."""
     c = ml_collections.ConfigDict()
     c.method = ""
-    c.mode = "pretrain"
+    c.mode = "pretrain"  # pretrain | finetune | evaluate
+    # Encoder weights to start from: a workdir (its newest checkpoint), a checkpoint step
+    # directory, or a .pth / .safetensors / .npz weight file (mim_jax.init_from). A workdir
+    # that already holds checkpoints resumes instead.
+    c.init_from = ""
     c.seed = 0
     c.batch_size = 2048  # Global batch over all hosts and devices.
     c.num_epochs = 100
@@ -45,6 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.source = "tfds"  # tfds | folder | bundled
     c.data.name = "imagenet2012"  # TFDS name when source == tfds.
     c.data.split = "train"
+    c.data.val_split = "validation"  # Evaluation split (a folder source also finds 'val').
     c.data.tfds_data_dir = ""  # Local dir or gs:// path; '' = TFDS default.
     c.data.folder = ""  # Image folder when source == folder (class sub-folders or flat).
     c.data.num_examples = 1024  # Examples per epoch for source == bundled.
@@ -52,6 +57,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.crop_ratio = (3.0 / 4.0, 4.0 / 3.0)
     c.data.interpolation = "bilinear"  # bilinear | bicubic
     c.data.hflip = True
+    c.data.crop_pct = 0.875  # Evaluation: resize the short side to size / crop_pct, crop size.
     c.data.mean = IMAGENET_MEAN
     c.data.std = IMAGENET_STD
     c.data.num_workers = 8  # grain worker processes per host; 0 = in-process.
@@ -94,7 +100,44 @@ def base_config() -> ml_collections.ConfigDict:
     c.image_every_steps = 1000  # Reconstruction grid to TensorBoard and workdir.
     c.num_images = 8
     c.profile_steps = 0  # > 0: a jax profiler trace of this many steps (from step 10) in workdir.
+
+    # Frozen-feature evaluation (mim_jax.evaluate): the kNN monitor during pretraining and the
+    # evaluation jobs read the labeled config.data.split (bank) and val_split (queries).
+    c.eval = ml_collections.ConfigDict()
+    c.eval.knn_every_steps = 0  # > 0: kNN top-1 of the encoder every this many steps.
+    c.eval.batch_size = 256  # Global batch of the feature extraction.
+    c.eval.knn_k = 20
+    c.eval.knn_temperature = 0.07
+    c.eval.max_train_examples = 0  # > 0: an evenly spaced subset of the bank split.
+    c.eval.max_val_examples = 0  # > 0: likewise for the validation split.
     return c
+
+
+def finetune_recipe(c: ml_collections.ConfigDict) -> None:
+    """SimMIM's fine-tuning recipe (SPEC 1.8) on top of `base_config()`: mode `finetune`,
+    RandomResizedCrop(0.08-1, bicubic) + flip + RandAugment rand-m9-mstd0.5-inc1 (colour
+    jitter 0.4 is set but, as in timm, applies only without RandAugment) + random erasing
+    0.25; Mixup 0.8 / CutMix 1.0 (switch 0.5, label smoothing 0.1); AdamW (0.9, 0.999),
+    wd 0.05, clip 5, warmup + cosine, lr scaled by batch / 512; top-1/top-5 on
+    `data.val_split` every `eval.every_steps` and at the end."""
+    c.mode = "finetune"
+    c.num_classes = 0  # 0: the class count of the labeled training split.
+    c.data.crop_scale = (0.08, 1.0)
+    c.data.interpolation = "bicubic"
+    c.data.auto_augment = "rand-m9-mstd0.5-inc1"  # '' disables RandAugment.
+    c.data.color_jitter = 0.4
+    c.data.reprob = 0.25
+    c.mixup = ml_collections.ConfigDict(
+        dict(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5, label_smoothing=0.1)
+    )
+    c.eval.every_steps = 1000  # Top-1/top-5 on data.val_split (also at the last step).
+    c.num_epochs = 100
+    c.optim.base_lr = 1.25e-3
+    c.optim.warmup_lr = 2.5e-7
+    c.optim.min_lr = 2.5e-7
+    c.optim.warmup_epochs = 20.0
+    c.optim.weight_decay = 0.05
+    c.optim.grad_clip = 5.0
 
 
 def swin_model(
@@ -205,161 +248,3 @@ def apply_pairs(c: ml_collections.ConfigDict, pairs: dict[str, str]) -> None:
                 f"config key '{key}': cannot parse '{raw}' as {type(old).__name__}"
             ) from e
         node[leaf] = value
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
-def validate(c: ml_collections.ConfigDict) -> None:
-    """Checks ranges and cross-field rules; raises ConfigError naming the bad field."""
-    _check(c.mode in ("pretrain",), f"config.mode='{c.mode}': supported modes are: pretrain")
-    _check(c.batch_size > 0, f"config.batch_size={c.batch_size} must be > 0")
-    _check(
-        c.num_epochs > 0 or c.total_steps > 0,
-        "config.num_epochs or config.total_steps must be > 0",
-    )
-    _check(
-        c.dtype in ("float32", "bfloat16"),
-        f"config.dtype='{c.dtype}' must be float32 or bfloat16",
-    )
-    _check(
-        c.data.source in ("tfds", "folder", "bundled"),
-        f"config.data.source='{c.data.source}' must be one of tfds, folder, bundled",
-    )
-    _check(
-        c.data.source != "folder" or bool(c.data.folder),
-        "config.data.folder must be set when config.data.source='folder'",
-    )
-    lo, hi = c.data.crop_scale
-    _check(0 < lo <= hi <= 1, f"config.data.crop_scale={tuple(c.data.crop_scale)} not in (0, 1]")
-    _check(
-        c.data.interpolation in ("bilinear", "bicubic"),
-        f"config.data.interpolation='{c.data.interpolation}' must be bilinear or bicubic",
-    )
-    _check(
-        c.optim.schedule in ("cosine", "multistep", "half_cosine"),
-        f"config.optim.schedule='{c.optim.schedule}' must be cosine, multistep or half_cosine",
-    )
-    _check(c.optim.base_lr > 0, f"config.optim.base_lr={c.optim.base_lr} must be > 0")
-    _check(c.optim.grad_clip >= 0, f"config.optim.grad_clip={c.optim.grad_clip} must be >= 0")
-    _check(
-        0 < c.optim.layer_decay <= 1,
-        f"config.optim.layer_decay={c.optim.layer_decay} must be in (0, 1]",
-    )
-    _check(
-        c.data.num_workers >= 0 and c.data.prefetch >= 0 and c.keep_checkpoints >= 1,
-        "config.data.num_workers and config.data.prefetch must be >= 0, "
-        "config.keep_checkpoints >= 1",
-    )
-    for axis in ("data", "fsdp", "tensor"):
-        size = c.mesh[axis]
-        _check(size == -1 or size >= 1, f"config.mesh.{axis}={size} must be -1 or >= 1")
-    _check(
-        c.checkpoint_every_steps > 0 and c.log_every_steps > 0 and c.image_every_steps > 0,
-        "config.*_every_steps must be > 0",
-    )
-    _check(c.profile_steps >= 0, f"config.profile_steps={c.profile_steps} must be >= 0")
-    m = c.model
-    _check(
-        m.img_size % c.mask.patch_size == 0,
-        f"config.model.img_size={m.img_size} must be divisible by "
-        f"config.mask.patch_size={c.mask.patch_size}",
-    )
-    _check(
-        c.mask.patch_size % m.patch_size == 0,
-        f"config.mask.patch_size={c.mask.patch_size} must be divisible by "
-        f"config.model.patch_size={m.patch_size}",
-    )
-    _check(0 < c.mask.ratio < 1, f"config.mask.ratio={c.mask.ratio} must be in (0, 1)")
-    if m.name == "swin":
-        grid = m.img_size // m.patch_size
-        for stage in range(len(m.depths)):
-            res = grid // 2**stage
-            _check(
-                res * 2**stage == grid,
-                f"config.model.img_size={m.img_size}: stage {stage} grid is not an integer",
-            )
-            _check(
-                res <= m.window_size or res % m.window_size == 0,
-                f"config.model.window_size={m.window_size} does not divide the stage-{stage} "
-                f"grid {res}",
-            )
-        _check(
-            len(m.depths) == len(m.num_heads),
-            "config.model.depths and config.model.num_heads must have the same length",
-        )
-        for stage, heads in enumerate(m.num_heads):
-            dim = m.embed_dim * 2**stage
-            _check(
-                dim % heads == 0,
-                f"config.model.num_heads[{stage}]={heads} does not divide the stage width {dim}",
-            )
-        if c.method == "greenmim":
-            final_patch = m.patch_size * 2 ** (len(m.depths) - 1)
-            _check(
-                c.mask.patch_size % final_patch == 0,
-                f"config.mask.patch_size={c.mask.patch_size} must be a multiple of the "
-                f"final-stage patch {final_patch} (GreenMIM masks whole stage-4 tokens)",
-            )
-            _check(c.mask.groups >= 0, f"config.mask.groups={c.mask.groups} must be >= 0")
-            d = c.decoder
-            _check(
-                d.depth >= 1 and d.embed_dim % 4 == 0 and d.embed_dim % d.num_heads == 0,
-                f"config.decoder: depth={d.depth} must be >= 1 and embed_dim={d.embed_dim} "
-                f"divisible by 4 (sin-cos table) and by num_heads={d.num_heads}",
-            )
-            for key in ("group_size", "num_groups"):
-                value = tuple(c.mask[key])
-                _check(
-                    len(value) == len(m.depths) and all(v >= 0 for v in value),
-                    f"config.mask.{key}={value} needs one value >= 0 per stage "
-                    f"({len(m.depths)}; 0 = default)",
-                )
-    elif m.name == "vit":
-        _check(
-            m.img_size % m.patch_size == 0,
-            f"config.model.img_size={m.img_size} must be divisible by patch_size={m.patch_size}",
-        )
-    elif m.name == "itpn":
-        _check(
-            m.patch_size % 4 == 0 and c.mask.patch_size == m.patch_size,
-            f"config.model.patch_size={m.patch_size} must be a multiple of 4 (HiViT's 4x4 inner "
-            f"tokens) and equal config.mask.patch_size={c.mask.patch_size} (iTPN masks main "
-            "patches)",
-        )
-        _check(
-            m.embed_dim % 4 == 0 and m.embed_dim % m.num_heads == 0,
-            f"config.model.embed_dim={m.embed_dim} must divide by 4 and by num_heads={m.num_heads}",
-        )
-        d = c.decoder
-        _check(
-            d.embed_dim % 16 == 0 and d.embed_dim % d.num_heads == 0,
-            f"config.decoder.embed_dim={d.embed_dim} must divide by 16 (4x4 P4 tokens) and by "
-            f"num_heads={d.num_heads}",
-        )
-        f = c.mfm
-        for key, value, allowed in (
-            ("teacher", f.teacher, ("none", "ema", "clip")),
-            ("loss", f.loss, ("mse", "smooth_l1")),
-            ("momentum_schedule", f.momentum_schedule, ("cosine", "constant")),
-        ):
-            _check(
-                value in allowed, f"config.mfm.{key}='{value}' must be one of {', '.join(allowed)}"
-            )
-        _check(0 <= f.momentum <= 1, f"config.mfm.momentum={f.momentum} must be in [0, 1]")
-        _check(
-            len(f.weights) == 3 and min(f.weights) >= 0 and min(f.pixel_weight, f.clip_weight) >= 0,
-            f"config.mfm.weights={tuple(f.weights)} must be 3 values >= 0 (one per stage); "
-            "pixel_weight and clip_weight >= 0",
-        )
-        if f.teacher == "clip":
-            _check(
-                f.clip.img_size // f.clip.patch_size == m.img_size // m.patch_size,
-                f"config.mfm.clip: a {f.clip.img_size} px image in {f.clip.patch_size} px patches "
-                f"must give the student's {m.img_size // m.patch_size}x"
-                f"{m.img_size // m.patch_size} patch grid",
-            )
-    else:
-        _check(False, f"config.model.name='{m.name}' must be swin, vit or itpn")

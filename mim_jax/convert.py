@@ -131,3 +131,90 @@ def load_into(model: nnx.Module, state_dict: Mapping[str, np.ndarray], model_nam
     pure = nnx.to_pure_dict(state)
     nnx.replace_by_pure_dict(state, import_torch(pure, state_dict, model_name))
     nnx.update(model, state)
+
+
+# --- encoder weights in the official fine-tuning names (init_from, export) -----------------------
+
+# The classifier head rows (official fine-tuning models: `head`, and `fc_norm` after pooling).
+HEAD_ROWS = ((r"^(fc_norm|head)\.(weight|bias)$", r"\1.\2"),)
+# Parameters stored with PyTorch's leading singleton axes (`[1, 1, C]` tokens, `[1, N, C]`
+# position tables) and as plain vectors / matrices here.
+_TOKEN_LEAVES = ("cls_token", "mask_token", "pos_embed", "absolute_pos_embed")
+
+
+def classifier_table(table, torch_prefix: str = "encoder.") -> tuple:
+    """A pretraining-model table's encoder rows with `torch_prefix` dropped from the PyTorch
+    names (SimMIM stores its encoder under `encoder.`; the official fine-tuning models and timm
+    do not), plus `HEAD_ROWS`: our classifier paths <-> the fine-tuning model's names."""
+    prefix = re.escape(torch_prefix)
+    rows = [
+        (pattern, template[len(torch_prefix) :])
+        for pattern, template in table
+        if template.startswith(torch_prefix) and pattern.startswith(rf"^{prefix}")
+    ]
+    return (*rows, *HEAD_ROWS)
+
+
+def _groups(pattern: str) -> list[str]:
+    """The top-level capture groups' sub-patterns of a name-table regex (no nesting in ours)."""
+    return re.findall(r"\(([^()]*)\)", pattern)
+
+
+def _invert_row(pattern: str, template: str) -> tuple[str, str]:
+    """(PyTorch-name regex, our-path template) of a (our regex, PyTorch template) row."""
+    groups = _groups(pattern)
+    torch_regex = re.escape(template)
+    for i, sub in enumerate(groups, start=1):
+        torch_regex = torch_regex.replace(re.escape(f"\\{i}"), f"({sub})", 1)
+    ours = pattern.removeprefix("^").removesuffix("$")
+    for i, sub in enumerate(groups, start=1):
+        ours = ours.replace(f"({sub})", f"\\{i}", 1)
+    return f"^{torch_regex}$", ours.replace(r"\.", ".")
+
+
+def _leaf_to_ours(path: str, value: np.ndarray) -> tuple[str, np.ndarray]:
+    """Renames a PyTorch leaf and lays its value out as ours: Linear `[out, in]` -> kernel
+    `[in, out]`, Conv `[out, in, kh, kw]` -> `[kh, kw, in, out]`, LayerNorm weight -> scale,
+    leading singleton axes of tokens and position tables dropped."""
+    module, _, leaf = path.rpartition(".")
+    if leaf == "weight" and value.ndim >= 2:
+        value = value.T if value.ndim == 2 else value.transpose(2, 3, 1, 0)
+        return f"{module}.kernel", value
+    if leaf == "weight":
+        return f"{module}.scale", value
+    if leaf in _TOKEN_LEAVES:
+        return path, value.reshape(value.shape[-2:] if leaf.endswith("pos_embed") else (-1,))
+    return path, value
+
+
+def from_torch(state_dict: Mapping[str, np.ndarray], table) -> tuple[dict, list[str]]:
+    """PyTorch names and layouts -> {our dotted path: array} through `table`'s rows inverted;
+    also returns the keys no row maps (buffers, other model parts), sorted."""
+    inverted = [_invert_row(p, t) for p, t in table]
+    ours, unmapped = {}, []
+    for key, value in state_dict.items():
+        for regex, template in inverted:
+            if re.match(regex, key):
+                path, array = _leaf_to_ours(re.sub(regex, template, key), np.asarray(value))
+                ours[path] = array
+                break
+        else:
+            unmapped.append(key)
+    return ours, sorted(unmapped)
+
+
+def to_torch(flat: Mapping[str, np.ndarray], table) -> dict[str, np.ndarray]:
+    """{our dotted path: array} -> the PyTorch state_dict (names by `table`, PyTorch layouts);
+    the inverse of `from_torch`."""
+    out = {}
+    for path, value in flat.items():
+        value = np.asarray(value)
+        leaf = path.rpartition(".")[2]
+        if leaf == "kernel":
+            value = value.T if value.ndim == 2 else value.transpose(3, 2, 0, 1)
+        elif leaf in ("cls_token", "mask_token"):
+            value = value.reshape(1, 1, -1)
+        elif leaf.endswith("pos_embed"):
+            value = value[None]
+        out[torch_name(path, table)] = np.ascontiguousarray(value)
+    return out

@@ -3,8 +3,13 @@ r"""mim_jax entry point.
   python -m mim_jax.main --config=configs/simmim.py:quickstart --workdir=/tmp/mim
   python -m mim_jax.main --config=configs/simmim.py:swin_base_192 --config.batch_size=2048 \
       --workdir=gs://bucket/run
+  python -m mim_jax.main --config=configs/finetune.py:quickstart --config.init_from=/tmp/mim \
+      --workdir=/tmp/ft
+  python -m mim_jax.main --config=configs/evaluate.py:knn --config.init_from=/tmp/mim \
+      --workdir=/tmp/knn
 
-Running the same command again resumes from the newest checkpoint in --workdir.
+`config.mode` picks the job: pretrain and finetune run the train loop (running the same
+command again resumes from the newest checkpoint in --workdir), evaluate restores and measures.
 """
 
 from __future__ import annotations
@@ -17,8 +22,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mim_jax import checkpoint, config_lib, convert, sharding, train
-from mim_jax.data import input as data_input
+from mim_jax import checkpoint, config_lib, convert, evaluate, sharding, train
+from mim_jax.data import sources
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -30,7 +35,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 # Errors whose message is the whole story: shown as one line, without a traceback.
 USER_ERRORS = (
     config_lib.ConfigError,
-    data_input.DataError,
+    sources.DataError,
     checkpoint.CheckpointMismatchError,
     convert.ConversionError,
     train.NonFiniteLossError,
@@ -59,7 +64,10 @@ def main(argv: list[str]) -> None:
     _hide_accelerators_from_tensorflow()
     config = FLAGS.config
     try:
-        train.train(config, FLAGS.workdir)
+        if config.mode == "evaluate":
+            evaluate.run(config, FLAGS.workdir)
+        else:
+            train.train(config, FLAGS.workdir)
     except USER_ERRORS as e:
         logging.error("%s", e)
         raise SystemExit(f"mim_jax: error: {e}") from None

@@ -174,21 +174,47 @@ def layer_ids_vit(path: str, depth: int) -> int:
     return depth + 1
 
 
-def _layer_ids(config: ml_collections.ConfigDict, params: PyTree) -> tuple[int, PyTree]:
-    """(num_layers, tree of int layer ids like `params`) for `config.model` (swin or vit)."""
-    model = config.model
+def layer_ids_hivit(path: str, mlp_depth: int) -> int:
+    """Layer id of a HiViT parameter (iTPN's `lr_decay.get_layer_id`): 0 = patch embedding and
+    position table; `blocks.i` -> 1 + its rank among the non-merge blocks (a PatchMerge takes
+    its preceding block's id); last = the rest (fc_norm, head). Blocks are the flat official
+    list: mlp_depth MLP blocks, a merge, mlp_depth MLP blocks, a merge, the attention blocks."""
+    parts = path.split(".")
+    merges = (mlp_depth, 2 * mlp_depth + 1)
+    if parts[0] in ("cls_token", "pos_embed", "absolute_pos_embed", "patch_embed"):
+        return 0
+    if parts[0] == "blocks" and len(parts) > 1:
+        index = int(parts[1])
+        return index + 1 - sum(m <= index for m in merges)
+    return -1  # The caller maps it to num_layers.
+
+
+def layer_scales(config: ml_collections.ConfigDict, params: PyTree) -> tuple[PyTree, PyTree]:
+    """(layer ids, lr scales) trees like `params` for layer-wise lr decay (SPEC 1.8, 3.3).
+
+    Paths may carry the `encoder.` prefix of our models. Swin / ViT (SimMIM `optimizer.py`):
+    num_layers = blocks + 2, scale = decay ** (num_layers - 1 - id). HiViT (iTPN `lr_decay.py`):
+    num_layers = non-merge blocks + 1, ids 0..num_layers, and the decay is first rescaled to
+    decay ** (13 / num_layers) (a 12-block ViT's total decay): scale = that ** (num_layers - id).
+    """
+    model, decay = config.model, config.optim.layer_decay
     if model.name == "swin":
-        num_layers = sum(model.depths) + 2
+        exponent = sum(model.depths) + 1
         layer_id = functools.partial(layer_ids_swin, depths=tuple(model.depths))
     elif model.name == "vit":
-        num_layers = model.depth + 2
+        exponent = model.depth + 1
         layer_id = functools.partial(layer_ids_vit, depth=model.depth)
+    elif model.name == "itpn":
+        exponent = 2 * model.mlp_depth + model.depth + 1
+        decay = decay ** (13 / exponent)
+        hivit_id = functools.partial(layer_ids_hivit, mlp_depth=model.mlp_depth)
+        layer_id = lambda path: hivit_id(path) % (exponent + 1)  # -1 -> num_layers
     else:
-        raise ConfigError(f"layer decay: config.model.name='{model.name}' must be swin or vit")
+        raise ConfigError(f"layer decay: config.model.name='{model.name}' has no layer ids")
     ids = jax.tree_util.tree_map_with_path(
-        lambda path, _: layer_id(pytree.param_path(path)), params
+        lambda path, _: layer_id(pytree.param_path(path).removeprefix("encoder.")), params
     )
-    return num_layers, ids
+    return ids, jax.tree.map(lambda i: decay ** (exponent - i), ids)
 
 
 def make_optimizer(
@@ -216,14 +242,12 @@ def make_optimizer(
             mask=mask,
         )
 
-    layer_decay = optim.layer_decay
-    if layer_decay < 1.0:
-        num_layers, layer_ids = _layer_ids(config, params)
+    if optim.layer_decay < 1.0:
+        layer_ids, scales = layer_scales(config, params)
+        ids, lr_scales = jax.tree.leaves(layer_ids), jax.tree.leaves(scales)
+        groups = {f"layer_{i}": s for i, s in zip(ids, lr_scales, strict=True)}
         tx = optax.multi_transform(
-            {
-                f"layer_{i}": adamw(base_lr * layer_decay ** (num_layers - 1 - i))
-                for i in sorted(set(jax.tree.leaves(layer_ids)))
-            },
+            {name: adamw(base_lr * scale) for name, scale in sorted(groups.items())},
             jax.tree.map(lambda i: f"layer_{i}", layer_ids),
         )
     else:

@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from mim_jax import pytree
 from mim_jax.config_lib import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -115,6 +116,25 @@ def tree_shardings(abstract_tree, logical_specs, rules, mesh: jax.sharding.Mesh)
     return jax.tree.map(
         one, logical_specs, abstract_tree, is_leaf=lambda x: isinstance(x, PartitionSpec)
     )
+
+
+def shardings_like_params(tree, param_shardings, default: NamedSharding):
+    """Shardings for a tree holding per-parameter arrays (an optimizer state: Adam moments,
+    also inside optax.multi_transform's per-group states): a leaf whose path ends with a
+    parameter's path and has its shape gets that parameter's sharding, other leaves
+    `default`."""
+    flat = jax.tree_util.tree_flatten_with_path(param_shardings)[0]
+    by_path = {pytree.param_path(path): s for path, s in flat}
+
+    def one(path, leaf):
+        keys = pytree.param_path(path).split(".")
+        for start in range(len(keys)):
+            match = by_path.get(".".join(keys[start:]))
+            if match is not None and len(match.spec) <= len(leaf.shape):
+                return match
+        return default
+
+    return jax.tree_util.tree_map_with_path(one, tree)
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:

@@ -1,15 +1,17 @@
-"""The one generic pretraining loop: abstract init -> shardings -> sharded init, a donated jitted
-step, orbax checkpoints with auto-resume, CLU metrics, reconstruction grids, NaN guards.
+"""The one generic training loop (pretraining and fine-tuning): abstract init -> shardings ->
+sharded init (+ `config.init_from` weights), a donated jitted step, orbax checkpoints with
+auto-resume, CLU metrics, reconstruction grids, periodic evaluation, NaN guards.
 
-A method (mim_jax/methods/*) is seen only through build_model, make_batch_transform, loss_fn
-and reconstruct, plus an optional teacher: a method that defines `build_teacher(config, rngs)`
-gets a teacher model whose parameters live in the train state (sharded by their logical names
-like the student's, checkpointed), initialized by `init_teacher(config, student_params,
-teacher_params)` and advanced after every update by `update_teacher(config, teacher_params,
-student_params, step, total_steps) -> (teacher_params, metrics)` inside the jitted step (an EMA
-teacher; a frozen one returns its input). A fresh run then calls the optional host-side
-`load_teacher(config, teacher_params) -> teacher_params` (e.g. converted CLIP weights).
-`loss_fn` receives the teacher module (under stop_gradient) as `teacher=`.
+A method (mim_jax/methods/*) is seen only through build_model, make_batch_transform, loss_fn and
+the optional reconstruct (images for the grid), plus an optional teacher: a method that defines
+`build_teacher(config, rngs)` gets a teacher model whose parameters live in the train state
+(sharded by their logical names like the student's, checkpointed), initialized by
+`init_teacher(config, student_params, teacher_params)` and advanced after every update by
+`update_teacher(config, teacher_params, student_params, step, total_steps) -> (teacher_params,
+metrics)` inside the jitted step (an EMA teacher; a frozen one returns its input). A fresh run
+then calls the optional host-side `load_teacher(config, teacher_params) -> teacher_params` (e.g.
+converted CLIP weights). `loss_fn` receives the teacher module (under stop_gradient) as
+`teacher=`.
 """
 
 from __future__ import annotations
@@ -30,9 +32,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from mim_jax import checkpoint, config_lib, optim, sharding, writers
+from mim_jax import checkpoint, config_checks, evaluate, init_from, optim, sharding, writers
 from mim_jax.data import input as data_input
 from mim_jax.methods import get_method
+
+AUGMENT_STREAM = 0xA06  # Folded into the step key for the in-step augmentation stream.
 
 
 @flax.struct.dataclass
@@ -109,7 +113,9 @@ def make_train_step(
             kwargs["teacher"] = nnx.merge(teacher_graphdef, frozen)
 
         def compute_loss(params: nnx.State):
-            rngs = nnx.Rngs(dropout=step_key)  # Built inside the grad trace: NNX needs that.
+            # Built inside the grad trace (NNX needs that): drop path, and in-step augmentation
+            # (fine-tuning's Mixup/CutMix) on a separate stream.
+            rngs = nnx.Rngs(dropout=step_key, augment=jax.random.fold_in(step_key, AUGMENT_STREAM))
             return method.loss_fn(nnx.merge(graphdef, params), batch, rngs, **kwargs)
 
         (loss, aux), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.params)
@@ -148,13 +154,7 @@ def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, num_exampl
     )
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
     replicated = sharding.replicated(mesh)
-    opt_shardings = optax.tree_map_params(
-        tx,
-        lambda _, s: s,
-        abstract_opt,
-        param_shardings,
-        transform_non_params=lambda _: replicated,
-    )
+    opt_shardings = sharding.shardings_like_params(abstract_opt, param_shardings, replicated)
     teacher_graphdef = teacher_shardings = None
     if has_teacher(method):
         teacher_graphdef, abstract_teacher = nnx.split(
@@ -186,6 +186,11 @@ def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, num_exampl
     def init_state() -> TrainState:
         with jax.set_mesh(mesh):
             state = init_jit()
+        if config.init_from:
+            params, _ = init_from.initialize(config.init_from, config.model.name, state.params)
+            state = state.replace(params=params)
+            if teacher_graphdef is not None:  # An EMA teacher starts as the loaded student.
+                state = state.replace(teacher=method.init_teacher(config, params, state.teacher))
         if teacher_graphdef is not None and hasattr(method, "load_teacher"):
             loaded = method.load_teacher(config, state.teacher)
             state = state.replace(teacher=jax.device_put(loaded, teacher_shardings))
@@ -267,14 +272,17 @@ def check_finite(history: list[tuple[int, dict[str, np.ndarray]]]) -> None:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[int, dict[str, float]]:
-    """Pretrains per `config`, resuming from the newest checkpoint in `workdir`.
+    """Pretrains or fine-tunes per `config`, resuming from the newest checkpoint in `workdir`
+    (else starting from `config.init_from`, if set).
 
     Returns the metrics logged by this run: {step: interval means}.
     """
-    config_lib.validate(config)
+    config_checks.validate(config)
     mesh = sharding.make_mesh(config.mesh)
     sharding.log_mesh(mesh)
     sharding.check_batch_size(config.batch_size, mesh)
+    if config.mode == "finetune" and config.num_classes <= 0:
+        config.num_classes = data_input.num_classes(config)
     num_examples = data_input.dataset_size(config)
     s = setup(config, mesh, num_examples)
     with contextlib.ExitStack() as stack:
@@ -286,6 +294,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[int, dict[str
         # Runs last on exit: pending saves hold good states (non-finite ones never reach save).
         stack.callback(ckpt.close)
         latest = ckpt.latest_step()
+        if latest is not None and config.init_from:
+            logging.info("resuming from step %d; config.init_from is not read again", latest)
         state = s.init_state() if latest is None else ckpt.restore(latest, s.abstract_state)
         start_step = int(jax.device_get(state.step))
         writer = writers.Writer(workdir, config, total_steps=s.total_steps)
@@ -307,7 +317,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[int, dict[str
             batch_transform=s.method.make_batch_transform(config, s.mesh),
         )
         stack.callback(batches.close)
-        return _loop(s, state, start_step, batches, ckpt, writer)
+        periodic = evaluate.PeriodicEval(s, workdir)
+        stack.callback(periodic.close)
+        return _loop(s, state, start_step, batches, ckpt, writer, periodic)
 
 
 def _loop(
@@ -317,10 +329,12 @@ def _loop(
     batches,
     ckpt: checkpoint.Checkpointer,
     writer: writers.Writer,
+    periodic: evaluate.PeriodicEval,
 ) -> dict[int, dict[str, float]]:
     """Steps from `start_step` to the end; returns the logged metrics by step."""
     config = s.config
-    reconstruct = make_reconstruct_fn(s, config.num_images)
+    has_images = hasattr(s.method, "reconstruct")
+    reconstruct = make_reconstruct_fn(s, config.num_images) if has_images else None
     pending: list[tuple[int, dict[str, jax.Array]]] = []
     logged: dict[int, dict[str, float]] = {}
     with jax.set_mesh(s.mesh):
@@ -338,8 +352,11 @@ def _loop(
                 check_finite(fetched)
                 logged[done] = writer.write_metrics(done, [m for _, m in fetched])
                 pending = []
-            if done % config.image_every_steps == 0 or is_last:
+            if has_images and (done % config.image_every_steps == 0 or is_last):
                 writer.write_reconstruction(done, jax.device_get(reconstruct(state.params, batch)))
+            results = periodic.maybe_run(done, state, is_last)
+            if results is not None:
+                writers.write_eval_results(writer.workdir, done, results, writer)
             if done % config.checkpoint_every_steps == 0 or is_last or preempted:
                 check_finite(jax.device_get(pending))
                 ckpt.save(done, state)

@@ -142,3 +142,29 @@ def _flatten_config(d: dict, prefix: str = "") -> dict:
 def _hms(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+EVAL_RESULTS = "eval_results.json"
+
+
+def write_eval_results(
+    workdir: str, step: int, results: dict[str, float], writer: Writer | None = None
+) -> None:
+    """Logs evaluation results, writes them as TensorBoard scalars at `step` (through `writer`
+    when a run has one) and, on process 0, merges them into workdir/eval_results.json."""
+    logging.info(
+        "evaluation at step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in results.items())
+    )
+    if writer is not None:
+        writer.writer.write_scalars(step, results)
+    else:
+        scalars = metric_writers.create_default_writer(
+            workdir, just_logging=jax.process_index() != 0
+        )
+        scalars.write_scalars(step, results)
+        scalars.close()
+    if jax.process_index() == 0:
+        path = epath.Path(workdir) / EVAL_RESULTS
+        old = json.loads(path.read_text()) if path.exists() else {}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({**old, **results}, indent=2, sort_keys=True) + "\n")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mim_jax.data import augment
+from mim_jax.data import augment, sources
 from mim_jax.data import input as input_lib
 
 CONFIGS = pathlib.Path(__file__).parents[1] / "configs"
@@ -216,13 +216,13 @@ def test_determinism_and_exact_resume():
 def test_process_sharding_reads_only_own_records(class_folder, monkeypatch):
     config = _config(source="folder", folder=str(class_folder))
     reads = []
-    original = input_lib._FolderSource.read
+    original = sources.FolderSource.read
 
     def counting_read(self, record):
         reads.append(record)
         return original(self, record)
 
-    monkeypatch.setattr(input_lib._FolderSource, "read", counting_read)
+    monkeypatch.setattr(sources.FolderSource, "read", counting_read)
     whole = _first_batches(config, 3, process_index=0, process_count=1)
     whole_reads, reads[:] = list(reads), []
     hosts, host_reads = [], []
@@ -276,8 +276,8 @@ def test_folder_errors(tmp_path):
 
 
 def test_bundled_photos_are_rgb_and_labelled_by_photo():
-    photos = input_lib._bundled_photos()
-    assert len(photos) == len(input_lib.BUNDLED_PHOTOS)
+    photos = sources.bundled_photos()
+    assert len(photos) == len(sources.BUNDLED_PHOTOS)
     assert all(p.mode == "RGB" and min(p.size) >= 300 for p in photos)
     config = _config(source="bundled", num_examples=14)
     assert input_lib.dataset_size(config) == 14

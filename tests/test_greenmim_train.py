@@ -10,7 +10,7 @@ from flax import nnx
 from helpers import tiny_greenmim_config
 from test_train import _interrupt_after, _InterruptedError
 
-from mim_jax import checkpoint, config_lib, pytree, sharding, train
+from mim_jax import checkpoint, config_checks, config_lib, pytree, sharding, train
 from mim_jax.data import input as data_input
 from mim_jax.methods import greenmim
 
@@ -67,16 +67,16 @@ def test_per_stage_group_counts_from_the_config():
     config = tiny_greenmim_config(**{"mask.num_groups": (3, 0)})
     specs = greenmim.plan_specs_from_config(config)
     assert specs[0][0].num_groups == 3 and specs[1][0].num_groups == 1
-    config_lib.validate(config)
+    config_checks.validate(config)
     config.mask.num_groups = (3, 0, 0)
     with pytest.raises(config_lib.ConfigError, match="one value >= 0 per stage"):
-        config_lib.validate(config)
+        config_checks.validate(config)
 
 
 def test_decoder_needs_a_block():
     config = tiny_greenmim_config(**{"decoder.depth": 0})
     with pytest.raises(config_lib.ConfigError, match=r"config.decoder: depth=0 must be >= 1"):
-        config_lib.validate(config)
+        config_checks.validate(config)
 
 
 def test_one_compilation_over_50_steps_of_different_masks():

@@ -14,7 +14,7 @@ from flax import nnx
 from scipy import special
 
 from mim_jax import convert, pytree
-from mim_jax.models import hivit, layers
+from mim_jax.models import heads, hivit, layers
 
 IMG, PATCH, GRID = 64, 16, 4
 
@@ -31,9 +31,11 @@ def _random(ctor, seed: int = 1, scale: float = 0.3):
     return nnx.merge(graphdef, state)
 
 
+TINY = dict(img_size=IMG, embed_dim=32, mlp_depth=2, depth=2, num_heads=2, rpe=True)
+
+
 def _tiny(**kw) -> hivit.HiViT:
-    args = dict(img_size=IMG, embed_dim=32, mlp_depth=2, depth=2, num_heads=2, rpe=True)
-    return _random(lambda: hivit.HiViT(**{**args, **kw}, rngs=nnx.Rngs(0)))
+    return _random(lambda: hivit.HiViT(**{**TINY, **kw}, rngs=nnx.Rngs(0)))
 
 
 @nnx.jit
@@ -296,7 +298,7 @@ def _to_torch(path: str, value: np.ndarray) -> np.ndarray:
 
 def test_classifier_forward_and_torch_names():
     encoder = _tiny(mlp_depth=1)
-    model = hivit.HiViTClassifier(encoder, 5, rngs=nnx.Rngs(3))
+    model = heads.Classifier(encoder, 5, rngs=nnx.Rngs(3), fc_norm=True)
     images = jnp.asarray(_images(11))
     logits = nnx.jit(lambda m, x: m(x))(model, images)
     tokens = _call(encoder, images, None)[2]
@@ -310,7 +312,12 @@ def test_classifier_forward_and_torch_names():
     state = {convert.torch_name(k, table): _to_torch(k, np.asarray(v)) for k, v in ours.items()}
     assert {"blocks.4.attn.relative_position_bias_table", "blocks.1.reduction.weight"} <= set(state)
     assert {"patch_embed.proj.weight", "fc_norm.bias", "head.weight"} <= set(state)
-    fresh = hivit.HiViTClassifier(_tiny(mlp_depth=1), 5, rngs=nnx.Rngs(4))
+    # Built from other random draws, so a load that changed nothing would fail below.
+    other_encoder = _random(lambda: hivit.HiViT(**{**TINY, "mlp_depth": 1}, rngs=nnx.Rngs(0)), 2)
+    fresh = heads.Classifier(other_encoder, 5, rngs=nnx.Rngs(4), fc_norm=True)
+    assert not np.array_equal(
+        fresh.encoder.blocks[0].mlp.fc1.kernel[...], encoder.blocks[0].mlp.fc1.kernel[...]
+    )
     convert.load_into(fresh, {**state, "relative_position_index": np.zeros(1)}, "hivit")
     loaded = pytree.flatten(nnx.to_pure_dict(nnx.state(fresh, nnx.Param)))
     for key, value in ours.items():

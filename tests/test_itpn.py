@@ -13,7 +13,7 @@ from helpers import load_config
 from scipy import special
 from test_train import _interrupt_after, _InterruptedError
 
-from mim_jax import checkpoint, config_lib, pytree, sharding, train
+from mim_jax import checkpoint, config_checks, config_lib, pytree, sharding, train
 from mim_jax.data import input as data_input
 from mim_jax.methods import itpn as method
 from mim_jax.methods import norm_pix
@@ -354,7 +354,7 @@ def test_clip_teacher_loads_npz_and_matches_numpy(tmp_path):
     path = tmp_path / "clip.npz"
     np.savez(path, **sd)
     config = _clip_config(**{"mfm.teacher_checkpoint": str(path)})
-    config_lib.validate(config)
+    config_checks.validate(config)
     model, teacher = _models(config)
     loaded = method.load_teacher(config, nnx.state(teacher, nnx.Param))
     nnx.update(teacher, loaded)
@@ -404,7 +404,7 @@ def test_missing_teacher_checkpoint_is_a_one_line_error(tmp_path):
 )
 def test_variants_validate(variant):
     c = load_config("itpn", variant)
-    config_lib.validate(c)
+    config_checks.validate(c)
     size = "large" if "large" in variant else "base"
     if variant != "quickstart":
         arch = hivit.ARCHS[f"itpn_{size}"]
@@ -434,4 +434,4 @@ def test_default_variant_and_recipes():
 )
 def test_bad_configs_are_one_line_errors(overrides, message):
     with pytest.raises(config_lib.ConfigError, match=message.replace("(", r"\(")):
-        config_lib.validate(tiny_config(**overrides))
+        config_checks.validate(tiny_config(**overrides))

@@ -1,7 +1,8 @@
 """Memory-lean backwards of the shared layers (models/layers.py): Linear, LayerNorm, GELU and
 softmax with hand-written VJPs, compared with autodiff through the library implementations
 they replace (flax's `nnx.Linear`, `nnx.LayerNorm`, `jax.nn.gelu`, `jax.nn.softmax`), in
-float32 and bfloat16, and the compiled update step they allow (no weight copies)."""
+float32 and bfloat16, and the compiled update step they allow (no weight copies); drop path
+against its definition."""
 
 import re
 
@@ -194,3 +195,33 @@ def test_lean_backwards_keep_fewer_residuals():
 
     assert len(big(attention(layers.softmax), x)) == 1
     assert len(big(attention(lambda v: jax.nn.softmax(v, axis=-1)), x)) == 2
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.5])
+def test_drop_path_keeps_or_zeroes_whole_samples(rate):
+    """drop_path's definition, per sample (leading axis) of `[batch, tokens, channels]`: the
+    whole sample is x_i / (1 - rate) with probability 1 - rate, else exactly 0, so the
+    expectation is x (unbiased). Counts over 4000 samples stay within 4 standard deviations."""
+    n, keep = 4000, 1.0 - rate
+    x = np.asarray(2.0 + jax.random.normal(jax.random.key(0), (n, 3, 5)))
+    assert (x != 0).all()  # A zeroed sample is then unambiguous.
+    out = np.asarray(layers.drop_path(jnp.asarray(x), rate, nnx.Rngs(dropout=1)))
+    # XLA may divide as multiplication by the reciprocal: a few ulp.
+    kept = np.isclose(out, x / keep, rtol=1e-6, atol=0).all(axis=(1, 2))
+    dropped = (out == 0).all(axis=(1, 2))
+    assert (kept ^ dropped).all()
+    assert abs(kept.mean() - keep) < 4 * np.sqrt(keep * rate / n)
+    # Per element, out - x has variance E[x^2] rate / (1 - rate) across samples.
+    tol = 4 * np.sqrt(np.mean(x**2) * rate / keep / n)
+    assert np.abs(out.mean(0) - x.mean(0)).max() < tol
+    other = np.asarray(layers.drop_path(jnp.asarray(x), rate, nnx.Rngs(dropout=2)))
+    # Independent masks disagree on a fraction 2 rate (1 - rate) of the samples.
+    assert ((other == 0).all(axis=(1, 2)) != dropped).mean() > rate * keep
+    again = np.asarray(layers.drop_path(jnp.asarray(x), rate, nnx.Rngs(dropout=1)))
+    np.testing.assert_array_equal(again, out)
+
+
+def test_drop_path_is_identity_without_rngs_or_rate():
+    x = jax.random.normal(jax.random.key(0), (6, 4, 3))
+    np.testing.assert_array_equal(layers.drop_path(x, 0.0, nnx.Rngs(dropout=0)), x)
+    np.testing.assert_array_equal(layers.drop_path(x, 0.5, None), x)

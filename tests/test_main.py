@@ -1,23 +1,34 @@
-"""The user-facing command: the quickstart end to end (shortened), resume by re-running, and
-one-line errors for bad input."""
+"""The user-facing commands: the quickstart end to end (shortened), resume by re-running, the
+chain pretrain -> fine-tune -> kNN / linear probe / top-1 -> export (on one shared pretraining
+run), and one-line errors for bad input."""
 
 import glob
+import json
 import os
+import pathlib
 import subprocess
 import sys
 
 import pytest
 from helpers import ROOT
 
+# The fine-tune / evaluate / export chain runs on one CPU device: sharding is tested in-process;
+# 8 forced devices per subprocess beside two busy test workers on 2 cores only add contention.
+ONE_DEVICE = {**os.environ, "XLA_FLAGS": ""}
 
-def _run(*flags: str, workdir: str) -> subprocess.CompletedProcess:
+
+def _run(
+    *flags: str, workdir: str, module: str = "mim_jax.main", env: dict | None = None
+) -> subprocess.CompletedProcess:
+    workdir_flag = [f"--workdir={workdir}"] if workdir else []
     return subprocess.run(
-        [sys.executable, "-m", "mim_jax.main", *flags, f"--workdir={workdir}"],
+        [sys.executable, "-m", module, *flags, *workdir_flag],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=900,
         check=False,
+        env=env,
     )
 
 
@@ -30,10 +41,7 @@ SHRINK = {
 }
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("method", list(SHRINK))
-def test_quickstart_trains_writes_and_resumes(tmp_path, method):
-    workdir = str(tmp_path / "run")
+def _quickstart_trains_writes_and_resumes(workdir: str, method: str) -> None:
     quickstart = f"--config=configs/{method}.py:quickstart"
     config = f"{quickstart},total_steps=3,image_every_steps=2{SHRINK[method]}"
     small = ["--config.batch_size=8", "--config.log_every_steps=1"]
@@ -53,20 +61,114 @@ def test_quickstart_trains_writes_and_resumes(tmp_path, method):
     assert os.path.exists(os.path.join(workdir, "checkpoints", "4", "default"))
 
 
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> str:
+    """The SimMIM quickstart, shortened, run and resumed once for every test here."""
+    workdir = str(tmp_path_factory.mktemp("simmim") / "run")
+    _quickstart_trains_writes_and_resumes(workdir, "simmim")
+    return workdir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", [m for m in SHRINK if m != "simmim"])
+def test_quickstart_trains_writes_and_resumes(tmp_path, method):
+    _quickstart_trains_writes_and_resumes(str(tmp_path / "run"), method)
+
+
+def _results(workdir: str) -> dict:
+    with open(os.path.join(workdir, "eval_results.json")) as f:
+        return json.load(f)
+
+
+def _ok(result: subprocess.CompletedProcess) -> str:
+    fatal = result.stderr.find("Fatal Python error")  # A crash: show where it started.
+    assert result.returncode == 0, result.stderr[fatal : fatal + 4000] + result.stderr[-3000:]
+    return result.stderr
+
+
+@pytest.mark.slow
+def test_pretrain_then_finetune_evaluate_and_export(pretrained, tmp_path):
+    """The README chain with no flags beyond init_from (shortened): every job writes its
+    metrics; evaluating twice gives identical JSON; an exported file evaluates the same."""
+    ft = str(tmp_path / "ft")
+    log = _ok(
+        _run(
+            "--config=configs/finetune.py:quickstart,total_steps=4,log_every_steps=2",
+            "--config.eval.every_steps=2",
+            "--config.batch_size=8",
+            f"--config.init_from={pretrained}",
+            workdir=ft,
+            env=ONE_DEVICE,
+        )
+    )
+    assert "init_from checkpoint" in log and "new 2 (head.bias, head.kernel)" in log
+    assert set(_results(ft)) == {"top1", "top5", "best_top1"}
+    assert glob.glob(os.path.join(ft, "checkpoints_best", "*", "default"))
+
+    for kind, keys in (("knn", {"knn_top1", "knn_top5"}), ("linear_probe", None)):
+        workdir = str(tmp_path / kind)
+        flags = (f"--config=configs/evaluate.py:{kind}", f"--config.init_from={pretrained}")
+        _ok(_run(*flags, workdir=workdir, env=ONE_DEVICE))
+        results = _results(workdir)
+        assert set(results) == (keys or {"linear_probe_top1", "linear_probe_top5"})
+        if kind == "knn":  # The same checkpoint evaluated again, elsewhere: identical JSON.
+            _ok(_run(*flags, workdir=workdir + "_again", env=ONE_DEVICE))
+            first, second = (
+                pathlib.Path(w, "eval_results.json").read_text()
+                for w in (workdir, workdir + "_again")
+            )
+            assert first == second
+
+    top1 = str(tmp_path / "top1")
+    top1_flags = ("--config=configs/evaluate.py:top1", f"--config.init_from={ft}")
+    _ok(_run(*top1_flags, workdir=top1, env=ONE_DEVICE))
+    assert set(_results(top1)) == {"top1", "top5"}
+    exported = str(tmp_path / "ft.safetensors")
+    _ok(_run(f"--init_from={ft}", f"--out={exported}", workdir="", module="mim_jax.export"))
+    again = str(tmp_path / "top1_exported")
+    _ok(_run(top1_flags[0], f"--config.init_from={exported}", workdir=again, env=ONE_DEVICE))
+    assert _results(again) == _results(top1)
+
+
+QUICKSTART = "--config=configs/simmim.py:quickstart"
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--config.mask.ratio=1.5"], "config.mask.ratio=1.5 must be in (0, 1)"),
+        ([QUICKSTART, "--config.mask.ratio=1.5"], "config.mask.ratio=1.5 must be in (0, 1)"),
         (
-            ["--config.data.source=folder", "--config.data.folder=/nonexistent/images"],
+            [QUICKSTART, "--config.data.source=folder", "--config.data.folder=/nonexistent/images"],
             "/nonexistent/images",
         ),
-        (["--config.model.window_size=5"], "config.model.window_size=5"),
+        ([QUICKSTART, "--config.model.window_size=5"], "config.model.window_size=5"),
+        (
+            ["--config=configs/evaluate.py:top1"],
+            "config.init_from must name a fine-tuned checkpoint for eval.kind='top1'",
+        ),
+        (
+            ["--config=configs/finetune.py:quickstart", "--config.init_from=/nonexistent/run"],
+            "config.init_from='/nonexistent/run' is neither a workdir with checkpoints",
+        ),
+        (
+            [
+                "--config=configs/evaluate.py:knn",
+                "--config.init_from=tests/fixtures/itpn_tiny_state.npz",
+            ],
+            "does not fit the model: encoder.layers.0.blocks.0.attn.proj.bias missing",
+        ),
     ],
-    ids=["bad_value", "missing_data_dir", "window_does_not_divide"],
+    ids=[
+        "bad_value",
+        "missing_data_dir",
+        "window_does_not_divide",
+        "top1_without_checkpoint",
+        "missing_init_from",
+        "weights_of_another_model",
+    ],
 )
 def test_bad_input_is_one_line_error(tmp_path, flags, message):
-    result = _run("--config=configs/simmim.py:quickstart", *flags, workdir=str(tmp_path))
+    result = _run(*flags, workdir=str(tmp_path), env=ONE_DEVICE)
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("mim_jax: error:"), result.stderr[-2000:]

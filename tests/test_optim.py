@@ -7,9 +7,12 @@ The schedule reference re-derives timm 0.4.12 `CosineLRScheduler` / SimMIM
 """
 
 import bisect
+import json
 import math
+import pathlib
 import typing
 
+import helpers
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -18,7 +21,9 @@ import optax
 import pytest
 from flax import nnx
 
-from mim_jax import config_lib, optim, pytree
+from mim_jax import config_lib, convert, optim, pytree
+from mim_jax.methods import classification
+from mim_jax.models import encoders
 
 
 def _config(**optim_fields) -> ml_collections.ConfigDict:
@@ -395,3 +400,78 @@ def test_half_cosine_run_shorter_than_warmup_stays_in_warmup():
     c = _config(schedule="half_cosine", base_lr=1e-4, lr_batch_base=2048, warmup_epochs=12.0)
     got = _eval(optim.learning_rate_schedule(c, 7, 70), np.arange(71))
     np.testing.assert_allclose(got, 1e-4 * np.arange(71) / 7 / 12, rtol=2e-6)
+
+
+OFFICIAL_GROUPS = pathlib.Path(__file__).parent / "fixtures" / "simmim_finetune_param_groups.json"
+
+
+def _groups(config: ml_collections.ConfigDict) -> dict[str, tuple[int, float, float]]:
+    """Official PyTorch name -> (layer id, lr scale, weight decay) of our fine-tuning optimizer,
+    for the classifier of `config` built abstractly."""
+    model = nnx.eval_shape(lambda: classification.build_classifier(config, 1000, nnx.Rngs(0)))
+    params = nnx.state(model, nnx.Param)
+    ids, scales = optim.layer_scales(config, params)
+    decays = optim.weight_decay_mask(params, config.optim.no_decay_keywords)
+    table = encoders.TORCH_TABLES[config.model.name]
+    flat = [pytree.flatten(nnx.to_pure_dict(t)) for t in (ids, scales, decays)]
+    return {
+        convert.torch_name(path, table): (
+            flat[0][path],
+            flat[1][path],
+            config.optim.weight_decay if flat[2][path] else 0.0,
+        )
+        for path in flat[0]
+    }
+
+
+@pytest.mark.parametrize(
+    "variant, official",
+    [("simmim_swin_base_224", "swin_base_224_w7"), ("simmim_vit_base_224", "vit_base_224")],
+)
+def test_finetune_param_groups_equal_the_official_ones(variant, official):
+    """Every parameter of Swin-B / ViT-B: layer id, lr scale and weight decay as SimMIM's
+    `get_finetune_param_groups` (dumped from the official code), through the name tables."""
+    want = json.loads(OFFICIAL_GROUPS.read_text())[official]
+    c = helpers.load_config("finetune", variant)
+    assert c.optim.layer_decay == want["layer_decay"]
+    ours = _groups(c)
+    assert set(ours) == set(want["params"])
+    for name, group in want["params"].items():
+        layer_id, scale, decay = ours[name]
+        assert layer_id == group["layer_id"], name
+        assert scale == pytest.approx(group["lr_scale"], rel=1e-9), name
+        assert decay == group["weight_decay"], name
+
+
+def test_hivit_param_groups_follow_itpn_lr_decay():
+    """iTPN-B (blocks: 3 MLP, merge, 3 MLP, merge, 24 attention) by iTPN's `param_groups_lrd`:
+    30 non-merge blocks -> num_layers 31, decay 0.6 ** (13 / 31), scale = decay ** (31 - id);
+    a merge shares its preceding block's id; no decay on 1-D parameters, the absolute position
+    table and relative position tables. Written out by hand."""
+    c = helpers.load_config("finetune", "itpn_base")
+    decay = 0.6 ** (13 / 31)
+    expected_ids = {
+        "patch_embed.proj.weight": 0,
+        "absolute_pos_embed": 0,
+        "blocks.0.mlp.fc1.weight": 1,
+        "blocks.2.norm2.bias": 3,
+        "blocks.3.reduction.weight": 3,
+        "blocks.3.norm.weight": 3,
+        "blocks.4.mlp.fc2.weight": 4,
+        "blocks.7.reduction.weight": 6,
+        "blocks.8.attn.qkv.weight": 7,
+        "blocks.8.attn.relative_position_bias_table": 7,
+        "blocks.31.mlp.fc2.bias": 30,
+        "fc_norm.weight": 31,
+        "head.weight": 31,
+        "head.bias": 31,
+    }
+    no_decay = {"absolute_pos_embed", "blocks.8.attn.relative_position_bias_table"}
+    ours = _groups(c)
+    assert len(ours) == len(set(ours))
+    for name, layer_id in expected_ids.items():
+        got_id, scale, wd = ours[name]
+        assert got_id == layer_id, name
+        assert scale == pytest.approx(decay ** (31 - layer_id), rel=1e-9), name
+        one_d = name.endswith(("bias", "norm.weight", "norm2.bias")) and "reduction" not in name
+        assert wd == (0.0 if name in no_decay or one_d else 0.05), name

@@ -1,6 +1,7 @@
 """Fidelity to the official PyTorch SimMIM: tiny-config dumps (tests/fixtures, copied from
 shared/reference) loaded through the PyTorch importer must reproduce the official encoder
-output, reconstruction and loss (1e-5) and gradients (1e-4), in float32."""
+output, reconstruction and loss (1e-5) and gradients (1e-4 of each tensor's largest official
+entry), in float32."""
 
 import importlib.util
 import json
@@ -48,6 +49,16 @@ def _config(name: str, cfg: dict):
     return c
 
 
+def assert_grads_match(ours: dict, official: dict) -> None:
+    """Per gradient tensor (flat `path -> array` dicts with the same keys): |ours - official| <=
+    1e-4 * max|official|, so the bound follows each tensor's scale (a fixed 1e-4 would pass a
+    2% error on gradients of ~1e-2). An all-zero official tensor demands ours be ~0 (1e-16)."""
+    assert ours.keys() == official.keys()
+    for path, expected in official.items():
+        atol = 1e-4 * max(float(np.max(np.abs(expected))), 1e-12)
+        np.testing.assert_allclose(ours[path], expected, atol=atol, rtol=0, err_msg=path)
+
+
 def _load(name: str):
     state = dict(np.load(FIXTURES / f"simmim_{name}_tiny_state.npz"))
     grads = dict(np.load(FIXTURES / f"simmim_{name}_tiny_grads.npz"))
@@ -83,9 +94,7 @@ def test_gradients_match_official(name):
 
     grads = pytree.flatten(nnx.to_pure_dict(jax.grad(loss)(params)))
     expected = pytree.flatten(convert.import_torch(nnx.to_pure_dict(params), torch_grads, name))
-    assert grads.keys() == expected.keys()
-    for path in grads:
-        np.testing.assert_allclose(grads[path], expected[path], atol=1e-4, rtol=0, err_msg=path)
+    assert_grads_match(grads, expected)
 
 
 def test_importer_reports_unused_and_missing_keys():

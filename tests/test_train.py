@@ -1,15 +1,16 @@
 """The train loop: sharded steps equal the single-device step, one compilation, exact resume
 after an interruption, and no checkpoint of a non-finite state."""
 
+import json
 import os
 
 import jax
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import tiny_simmim_config
+from helpers import load_config, tiny_simmim_config
 
-from mim_jax import checkpoint, pytree, sharding, train
+from mim_jax import checkpoint, evaluate, pytree, sharding, train
 from mim_jax.data import input as data_input
 from mim_jax.methods import simmim
 
@@ -188,3 +189,21 @@ def test_restore_with_other_shapes_fails_with_one_line(tmp_path):
     with pytest.raises(checkpoint.CheckpointMismatchError, match="does not match the config") as e:
         train.train(bigger, str(tmp_path))
     assert "\n" not in str(e.value)
+
+
+def test_knn_monitor_during_pretraining(tmp_path):
+    """`eval.knn_every_steps`: the current encoder's kNN top-1 on the labeled split, logged and
+    in eval_results.json, equal to a kNN job on the saved checkpoint."""
+    config = tiny_simmim_config(total_steps=2, checkpoint_every_steps=2)
+    config.eval.update(knn_every_steps=2, batch_size=16, max_train_examples=48)
+    config.eval.max_val_examples = 40
+    train.train(config, str(tmp_path / "run"))
+    monitored = json.loads((tmp_path / "run" / "eval_results.json").read_text())
+    assert set(monitored) == {"knn_top1", "knn_top5"}
+
+    job = load_config("evaluate", "knn")
+    job.model = config.model
+    job.data.update(num_examples=config.data.num_examples)
+    job.eval.update(batch_size=16, max_train_examples=48, max_val_examples=40)
+    job.init_from = str(tmp_path / "run")
+    assert evaluate.run(job, str(tmp_path / "job")) == monitored

@@ -1,11 +1,19 @@
-"""Host-local pretraining batches: sources, a deterministic global order, host sharding.
+"""Host-local batches: training batches in a deterministic global order, and evaluation batches
+that visit a split once, in order; both sharded over hosts.
 
-Every example has a global position `p` (step * global_batch + slot). Its record is
+Training. Every example has a global position `p` (step * global_batch + slot). Its record is
 `permutation(seed, epoch)[p % N]` with `epoch = p // N`, a new permutation each epoch; its
-augmentation draws come from `np.random.default_rng([seed, AUGMENT_STREAM, p])`. Both are pure
-functions of (config.seed, p), so batches do not depend on the worker count, the host count
-or the iteration history, and `start_step` resumes exactly. Each host reads and decodes only
-the records of its own slice `[process_index * local_batch, ...)` of every global batch.
+augmentation draws come from `np.random.default_rng([seed, AUGMENT_STREAM, p])` (and random
+erasing's from `[seed, ERASE_STREAM, p]`). Both are pure functions of (config.seed, p), so
+batches do not depend on the worker count, the host count or the iteration history, and
+`start_step` resumes exactly. Each host reads and decodes only the records of its own slice
+`[process_index * local_batch, ...)` of every global batch. The augmentation follows
+`config.mode`: pretraining crops and flips (SPEC 1.2, 2.8); fine-tuning adds RandAugment or
+colour jitter and random erasing (SPEC 1.8).
+
+Evaluation. Global batch b holds the split's examples `[b * B, (b + 1) * B)` in record order
+(optionally an evenly spaced subset), resized and centre-cropped; the last batch is padded
+with blank images whose `valid` is False.
 
 grain runs the pipeline: a `MapDataset` over local example numbers -> read + augment ->
 batch -> normalize (+ the caller's `batch_transform`), optionally in worker processes.
@@ -13,9 +21,9 @@ batch -> normalize (+ the caller's `batch_transform`), optionally in worker proc
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import io
-import os
+import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
 
@@ -23,194 +31,33 @@ import grain
 import jax
 import ml_collections
 import numpy as np
-from PIL import Image
 
-from mim_jax.data import augment
+from mim_jax.data import augment, sources
+from mim_jax.data.sources import DataError
 
 Batch = dict[str, np.ndarray]
 BatchTransform = Callable[[Batch, int], Batch]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-# Colour photos that scikit-image ships inside its wheel (no download needed).
-BUNDLED_PHOTOS = (
-    "astronaut",
-    "chelsea",
-    "coffee",
-    "hubble_deep_field",
-    "immunohistochemistry",
-    "retina",
-    "rocket",
-)
 # Tags that separate the random streams seeded from config.seed.
 ORDER_STREAM = 0x0D0E
 AUGMENT_STREAM = 0xA06
+ERASE_STREAM = 0xE5A
 
 
-class DataError(ValueError):
-    """The data cannot be read as configured; the one-line message says what to do."""
+def dataset_size(config: ml_collections.ConfigDict, split: str | None = None) -> int:
+    """Examples per epoch of `split` (default: the training split `config.data.split`)."""
+    return len(sources.make_source(config.data, split or config.data.split))
 
 
-def _decode(data: bytes | str, name: str) -> Image.Image:
-    """Encoded image bytes or a file path -> RGB PIL image; DataError naming `name`."""
-    try:
-        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as image:
-            return image.convert("RGB")
-    except Exception as e:  # PIL raises many types for bad files.
-        reason = " ".join(str(e).split())
-        raise DataError(f"cannot decode image {name}: {type(e).__name__}: {reason}") from e
-
-
-class _TfdsSource:
-    """A TFDS split prepared as array_record, read by record number."""
-
-    def __init__(self, name: str, split: str, data_dir: str):
-        import tensorflow_datasets as tfds  # Heavy; only this source needs it.
-
-        try:
-            builder = tfds.builder(name, data_dir=data_dir or None)
-        except tfds.core.DatasetNotFoundError as e:
-            raise DataError(f"TFDS has no data set named '{name}' (config.data.name)") from e
-        root = builder.data_dir_root
-        if not builder.is_prepared():
-            manual = ""
-            if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
-                manual = (
-                    f"place its source files (for imagenet2012: ILSVRC2012_img_train.tar and "
-                    f"ILSVRC2012_img_val.tar) in {root}/downloads/manual, then "
-                )
-            raise DataError(
-                f"TFDS data set '{name}' is not prepared in {root}: {manual}run `tfds build "
-                f"{name} --data_dir={root} --file_format=array_record` (mim_jax needs the "
-                f"array_record format for random access), or set config.data.tfds_data_dir"
-            )
-        file_format = builder.info.file_format
-        if file_format not in tfds.core.file_adapters.FileFormat.with_random_access():
-            raise DataError(
-                f"TFDS data set '{name}' in {root} is stored as {file_format.value}, which has "
-                f"no random access: rebuild it with `tfds build {name} --data_dir={root} "
-                f"--file_format=array_record`"
-            )
-        features = builder.info.features
-        if "image" not in features:
-            raise DataError(f"TFDS data set '{name}' has no 'image' feature")
-        self._has_label = "label" in features
-        self._where = f"{name}[{split}]"
-        try:
-            self._source = builder.as_data_source(
-                split=split, decoders={"image": tfds.decode.SkipDecoding()}
-            )
-        except (KeyError, ValueError) as e:
-            splits = ", ".join(sorted(builder.info.splits))
-            raise DataError(
-                f"config.data.split='{split}' is not a split of TFDS '{name}' ({splits})"
-            ) from e
-
-    def __len__(self) -> int:
-        return len(self._source)
-
-    def read(self, record: int) -> tuple[Image.Image, int]:
-        example = self._source[record]
-        image = _decode(example["image"], f"{self._where} record {record}")
-        return image, int(example["label"]) if self._has_label else -1
-
-
-class _FolderSource:
-    """Class sub-folders (label = index of the sorted folder name) or a flat folder (-1)."""
-
-    def __init__(self, folder: str):
-        if not os.path.isdir(folder):
-            raise DataError(f"config.data.folder='{folder}' is not a directory")
-        self._root = folder
-        with os.scandir(folder) as entries:
-            names = sorted(e.name for e in entries if not e.name.startswith("."))
-        classes = [n for n in names if os.path.isdir(os.path.join(folder, n))]
-        loose = [n for n in names if _is_image(n) and os.path.isfile(os.path.join(folder, n))]
-        files, labels = [], []
-        for label, name in enumerate(classes):
-            for path in _images_under(os.path.join(folder, name)):
-                files.append(os.path.relpath(path, folder))
-                labels.append(label)
-        if files and loose:
-            raise DataError(
-                f"config.data.folder='{folder}' mixes loose images ({loose[0]}, ...) with class "
-                f"sub-folders: use one layout"
-            )
-        if not files:
-            files, labels = loose, [-1] * len(loose)
-        if not files:
-            raise DataError(
-                f"config.data.folder='{folder}' holds no images ({'/'.join(IMAGE_EXTENSIONS)}) "
-                f"directly or in class sub-folders"
-            )
-        self._files = files
-        self._labels = labels
-
-    def __len__(self) -> int:
-        return len(self._files)
-
-    def read(self, record: int) -> tuple[Image.Image, int]:
-        path = os.path.join(self._root, self._files[record])
-        return _decode(path, path), self._labels[record]
-
-
-def _is_image(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS)
-
-
-def _images_under(directory: str) -> list[str]:
-    """Image files below `directory`, recursively, in a deterministic (sorted) order."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(directory):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f))
-    return found
-
-
-@functools.cache
-def _bundled_photos() -> tuple[Image.Image, ...]:
-    """scikit-image's sample colour photos as RGB PIL images (loaded once per process)."""
-    from skimage import data as skimage_data
-
-    try:
-        return tuple(
-            Image.fromarray(getattr(skimage_data, name)()).convert("RGB") for name in BUNDLED_PHOTOS
+def num_classes(config: ml_collections.ConfigDict) -> int:
+    """Class count of the labeled training split; DataError if the source has no labels."""
+    count = sources.make_source(config.data, config.data.split).num_classes
+    if count <= 0:
+        raise DataError(
+            f"config.data: the {config.data.source} source '{config.data.split}' has no labels "
+            "(use a TFDS set with a 'label' feature, class sub-folders, or the bundled photos)"
         )
-    except Exception as e:
-        raise DataError(f"cannot load the scikit-image sample photos: {e}") from e
-
-
-class _BundledSource:
-    """`num_examples` virtual records; record r is photo r % n_photos with label = photo id."""
-
-    def __init__(self, num_examples: int):
-        if num_examples <= 0:
-            raise DataError(f"config.data.num_examples={num_examples} must be > 0")
-        self._num_examples = num_examples
-
-    def __len__(self) -> int:
-        return self._num_examples
-
-    def read(self, record: int) -> tuple[Image.Image, int]:
-        photo = record % len(BUNDLED_PHOTOS)
-        return _bundled_photos()[photo], photo
-
-
-Source = _TfdsSource | _FolderSource | _BundledSource
-
-
-def _make_source(data: ml_collections.ConfigDict) -> Source:
-    if data.source == "tfds":
-        return _TfdsSource(data.name, data.split, data.tfds_data_dir)
-    if data.source == "folder":
-        return _FolderSource(data.folder)
-    if data.source == "bundled":
-        return _BundledSource(data.num_examples)
-    raise DataError(f"config.data.source='{data.source}' must be one of tfds, folder, bundled")
-
-
-def dataset_size(config: ml_collections.ConfigDict) -> int:
-    """Examples per epoch of the configured source (bundled: config.data.num_examples)."""
-    return len(_make_source(config.data))
+    return count
 
 
 @functools.lru_cache(maxsize=4)
@@ -219,12 +66,33 @@ def epoch_permutation(seed: int, epoch: int, size: int) -> np.ndarray:
     return np.random.default_rng([seed, ORDER_STREAM, epoch]).permutation(size)
 
 
+def _train_augment(config: ml_collections.ConfigDict) -> functools.partial:
+    """fn(image, rng) -> uint8 `[size, size, 3]`: the augmentation of `config.mode`."""
+    d = config.data
+    crop = dict(
+        size=config.model.img_size,
+        scale=tuple(d.crop_scale),
+        ratio=tuple(d.crop_ratio),
+        interpolation=d.interpolation,
+        hflip=d.hflip,
+    )
+    if config.mode != "finetune":
+        return functools.partial(augment.pretrain_augment, **crop)
+    return functools.partial(
+        augment.finetune_augment,
+        **crop,
+        color_jitter=d.color_jitter,
+        auto_augment=d.auto_augment,
+        mean=tuple(d.mean),
+    )
+
+
 class _ReadExample:
     """Local example number -> augmented example at its global position (grain `map`)."""
 
     def __init__(
         self,
-        source: Source,
+        source: sources.Source,
         config: ml_collections.ConfigDict,
         local_batch: int,
         process_index: int,
@@ -234,14 +102,7 @@ class _ReadExample:
         self._global_batch = config.batch_size
         self._local_batch = local_batch
         self._offset = process_index * local_batch
-        d = config.data
-        self._augment = dict(
-            size=config.model.img_size,
-            scale=tuple(d.crop_scale),
-            ratio=tuple(d.crop_ratio),
-            interpolation=d.interpolation,
-            hflip=d.hflip,
-        )
+        self._augment = _train_augment(config)
 
     def __call__(self, local_example: int) -> Batch:
         step, slot = divmod(local_example, self._local_batch)
@@ -250,25 +111,72 @@ class _ReadExample:
         record = int(epoch_permutation(self._seed, epoch, len(self._source))[in_epoch])
         image, label = self._source.read(record)
         rng = np.random.default_rng([self._seed, AUGMENT_STREAM, position])
-        pixels = augment.pretrain_augment(image, rng=rng, **self._augment)
+        pixels = self._augment(image, rng=rng)
         return {"image": pixels, "label": np.int32(label), "index": np.int64(position)}
 
 
 class _FinishBatch:
-    """(step, uint8 batch) -> normalized float32 batch, then the caller's transform."""
+    """(step, uint8 batch) -> normalized float32 batch (random erasing per example when
+    `erase_prob` > 0), then the caller's transform."""
 
     def __init__(
-        self, mean: Sequence[float], std: Sequence[float], batch_transform: BatchTransform | None
+        self,
+        mean: Sequence[float],
+        std: Sequence[float],
+        batch_transform: BatchTransform | None,
+        *,
+        seed: int = 0,
+        erase_prob: float = 0.0,
     ):
         self._mean = tuple(mean)
         self._std = tuple(std)
         self._batch_transform = batch_transform
+        self._seed = seed
+        self._erase_prob = erase_prob
 
     def __call__(self, step: int, batch: Batch) -> Batch:
-        batch["image"] = augment.normalize(batch["image"], self._mean, self._std)
+        images = augment.normalize(batch["image"], self._mean, self._std)
+        if self._erase_prob > 0:
+            images = np.stack(
+                [
+                    augment.random_erase(
+                        image,
+                        prob=self._erase_prob,
+                        rng=np.random.default_rng([self._seed, ERASE_STREAM, int(position)]),
+                    )
+                    for image, position in zip(images, batch["index"], strict=True)
+                ]
+            )
+        batch["image"] = images
         if self._batch_transform is not None:
             batch = self._batch_transform(batch, step)
         return batch
+
+
+def _local_batch(global_batch: int, process_index: int | None, process_count: int | None):
+    """(process_index, local batch) for `global_batch` split over the hosts."""
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    if global_batch % process_count:
+        raise DataError(
+            f"batch size {global_batch} is not divisible by the process count {process_count}"
+        )
+    if not 0 <= process_index < process_count:
+        raise DataError(f"process_index={process_index} not in [0, {process_count})")
+    return process_index, global_batch // process_count
+
+
+def _iterate(ds: grain.MapDataset, data: ml_collections.ConfigDict) -> Iterator[Batch]:
+    """A grain iterator over `ds`, in `data.num_workers` worker processes when > 0."""
+    read_options = grain.ReadOptions(num_threads=data.prefetch, prefetch_buffer_size=data.prefetch)
+    iter_ds = ds.to_iter_dataset(read_options)
+    if data.num_workers > 0:
+        iter_ds = iter_ds.mp_prefetch(
+            grain.MultiprocessingOptions(
+                num_workers=data.num_workers, per_worker_buffer_size=max(1, data.prefetch)
+            )
+        )
+    return iter(iter_ds)
 
 
 def make_pretrain_iterator(
@@ -279,7 +187,8 @@ def make_pretrain_iterator(
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> Iterator[Batch]:
-    """Endless host-local pretraining batches; the k-th one is for step `start_step + k`.
+    """Endless host-local training batches of `config.data.split`; the k-th one is for step
+    `start_step + k` (pretraining and fine-tuning alike: the augmentation follows the mode).
 
     Each batch: 'image' float32 `[local_batch, H, W, 3]` (H = W = config.model.img_size,
     normalized with config.data.mean/std), 'label' int32 `[local_batch]` (-1 where the source
@@ -288,7 +197,7 @@ def make_pretrain_iterator(
     `local_batch = config.batch_size // process_count`.
 
     Args:
-      config: the full config (`data`, `batch_size`, `seed`, `model.img_size`).
+      config: the full config (`mode`, `data`, `batch_size`, `seed`, `model.img_size`).
       start_step: first step to produce; resuming at step s gives exactly the batches a fresh
         iterator gives from its s-th on.
       batch_transform: `f(batch, step) -> batch`, run inside the pipeline (in grain worker
@@ -300,32 +209,95 @@ def make_pretrain_iterator(
     Returns:
       A grain iterator; call `.close()` when done to stop worker processes early.
     """
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
-    if config.batch_size % process_count:
-        raise DataError(
-            f"config.batch_size={config.batch_size} is not divisible by the process count "
-            f"{process_count}"
-        )
-    if not 0 <= process_index < process_count:
-        raise DataError(f"process_index={process_index} not in [0, {process_count})")
+    process_index, local_batch = _local_batch(config.batch_size, process_index, process_count)
     if start_step < 0:
         raise DataError(f"start_step={start_step} must be >= 0")
-    local_batch = config.batch_size // process_count
     d = config.data
-    source = _make_source(d)
+    source = sources.make_source(d, d.split)
+    erase_prob = d.reprob if config.mode == "finetune" else 0.0
+    finish = _FinishBatch(d.mean, d.std, batch_transform, seed=config.seed, erase_prob=erase_prob)
     ds = (
         grain.MapDataset.range(sys.maxsize)
         .map(_ReadExample(source, config, local_batch, process_index))
         .batch(local_batch, drop_remainder=True)
-        .map_with_index(_FinishBatch(d.mean, d.std, batch_transform))
+        .map_with_index(finish)
     )[start_step:]
-    read_options = grain.ReadOptions(num_threads=d.prefetch, prefetch_buffer_size=d.prefetch)
-    iter_ds = ds.to_iter_dataset(read_options)
-    if d.num_workers > 0:
-        iter_ds = iter_ds.mp_prefetch(
-            grain.MultiprocessingOptions(
-                num_workers=d.num_workers, per_worker_buffer_size=max(1, d.prefetch)
-            )
+    return _iterate(ds, d)
+
+
+def eval_records(size: int, max_examples: int) -> np.ndarray:
+    """Record numbers an evaluation reads: all, or `max_examples` evenly spaced ones."""
+    if 0 < max_examples < size:
+        return np.round(np.linspace(0, size - 1, max_examples)).astype(np.int64)
+    return np.arange(size, dtype=np.int64)
+
+
+class _ReadEvalExample:
+    """Local example number -> resized, centre-cropped example (blank and invalid past the
+    end of the split)."""
+
+    def __init__(
+        self,
+        source: sources.Source,
+        records: np.ndarray,
+        config: ml_collections.ConfigDict,
+        global_batch: int,
+        local_batch: int,
+        process_index: int,
+    ):
+        self._source = source
+        self._records = records
+        self._global_batch = global_batch
+        self._local_batch = local_batch
+        self._offset = process_index * local_batch
+        self._size = config.model.img_size
+        self._crop_pct = config.data.crop_pct
+        self._interpolation = config.data.interpolation
+
+    def __call__(self, local_example: int) -> Batch:
+        batch, slot = divmod(local_example, self._local_batch)
+        position = batch * self._global_batch + self._offset + slot
+        if position >= len(self._records):
+            blank = np.zeros((self._size, self._size, 3), np.uint8)
+            return {"image": blank, "label": np.int32(-1), "valid": np.bool_(False)}
+        image, label = self._source.read(int(self._records[position]))
+        pixels = augment.eval_transform(
+            image, size=self._size, crop_pct=self._crop_pct, interpolation=self._interpolation
         )
-    return iter(iter_ds)
+        return {"image": pixels, "label": np.int32(label), "valid": np.bool_(True)}
+
+
+@dataclasses.dataclass
+class EvalData:
+    """One pass over an evaluation split: `batches` yields `num_batches` host-local batches
+    ('image' float32, 'label' int32, 'valid' bool) covering `num_examples` examples."""
+
+    batches: Iterator[Batch]
+    num_examples: int
+    num_batches: int
+
+
+def make_eval_iterator(
+    config: ml_collections.ConfigDict,
+    split: str,
+    *,
+    batch_size: int,
+    max_examples: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> EvalData:
+    """One ordered pass over `split` in global batches of `batch_size` (module docstring);
+    `max_examples` > 0 reads an evenly spaced subset of that many examples."""
+    process_index, local_batch = _local_batch(batch_size, process_index, process_count)
+    d = config.data
+    source = sources.make_source(d, split)
+    records = eval_records(len(source), max_examples)
+    num_batches = math.ceil(len(records) / batch_size)
+    read = _ReadEvalExample(source, records, config, batch_size, local_batch, process_index)
+    ds = (
+        grain.MapDataset.range(num_batches * local_batch)
+        .map(read)
+        .batch(local_batch, drop_remainder=True)
+        .map_with_index(_FinishBatch(d.mean, d.std, None))
+    )
+    return EvalData(_iterate(ds, d), len(records), num_batches)

@@ -8,7 +8,7 @@ from types import ModuleType
 
 from mim_jax.config_lib import ConfigError
 
-METHODS = ("simmim", "greenmim", "itpn")
+METHODS = ("simmim", "greenmim", "itpn", "classification")
 
 
 def get_method(name: str) -> ModuleType:

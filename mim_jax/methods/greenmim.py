@@ -1,4 +1,4 @@
-"""GreenMIM (SPEC 2, decisions in SPEC 0): visible-token Swin encoder + MAE decoder, norm-pix MSE.
+"""GreenMIM (SPEC 2, decisions in SPEC 0): visible-token Swin encoder + MAE decoder, pixel MSE.
 
 Model: `GreenSwinTransformer` on the visible tokens of one batch-wise mask (plans from
 `grouping` / `green_swin.device_plans`), then the MAE decoder (SPEC 2.6): `decoder_embed`
@@ -11,16 +11,17 @@ scattered into the slots of the visible units in raster order; the mask token fi
 The released code's `ids_restore` gather (which permutes visible tokens, SPEC 2.6) is NOT
 reproduced here; tests/test_greenmim.py reproduces it outside the library for parity.
 
-Loss (SPEC 2.7): per-patch normalized pixels (`norm_pix.norm_pix_targets`, patch vector order
-(row, col, channel), unbiased variance + 1e-6), MSE over the patch vector, mean over masked
-units.
+Loss (SPEC 2.7): MSE over the patch vector, mean over masked units, against per-patch
+normalized pixels (`config.norm_pix_loss`, default on as in the paper's runs: patch vector order
+(row, col, channel), unbiased variance + 1e-6) or, with it off (the official `main_pretrain.py`
+default), the plain patchified input (`norm_pix.pixel_targets`).
 
 Config: `config.model` (Swin encoder kwargs plus `name`), `config.mask.patch_size` (the mask
 unit, 32 = the final-stage patch), `config.mask.ratio`, `config.mask.groups` (mask groups per
 global batch, 0 = data-parallel shards), optional `config.mask.group_size` /
 `config.mask.num_groups` (grouping.plan_specs; 0 = default), `config.decoder` (embed_dim,
-depth, num_heads, optional mlp_ratio 4.0, norm_eps 1e-6). The loss is always norm-pix (as in
-all released scripts; `methods/norm_pix.py`).
+depth, num_heads, optional mlp_ratio 4.0, norm_eps 1e-6), `config.norm_pix_loss` (bool, True
+when absent; carried by the model as the static `GreenMIMModel.norm_pix_loss`).
 
 Batch keys added on the host (make_batch_transform): `unit_mask` int32 `[B, L]` (1 = removed;
 rows of one mask group equal: batch-wise), `removed_units` int32 `[B, K]` (the removed units
@@ -171,7 +172,10 @@ def place_visible(tokens: jax.Array, unit_mask: jax.Array, mask_token: jax.Array
 
 
 class GreenMIMModel(nnx.Module):
-    """GreenSwin encoder + MAE decoder: (images, plans, unit_mask) -> `[B, L, u*u*3]`."""
+    """GreenSwin encoder + MAE decoder: (images, plans, unit_mask) -> `[B, L, u*u*3]`.
+
+    `norm_pix_loss` (static) selects the loss target and how the reconstruction grid reads the
+    predictions (norm-pix or plain pixels)."""
 
     def __init__(
         self,
@@ -186,6 +190,7 @@ class GreenMIMModel(nnx.Module):
         in_chans: int = 3,
         mlp_ratio: float = 4.0,
         decoder_eps: float = 1e-6,
+        norm_pix_loss: bool = True,
         dtype=jnp.float32,
     ):
         if img_size % unit:
@@ -193,6 +198,7 @@ class GreenMIMModel(nnx.Module):
         self.encoder = encoder
         self.unit = unit
         self.grid = img_size // unit
+        self.norm_pix_loss = bool(norm_pix_loss)
         self.decoder_embed = layers.Linear(
             encoder.num_features,
             decoder_dim,
@@ -275,7 +281,8 @@ class GreenMIMModel(nnx.Module):
 
 
 def build_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> GreenMIMModel:
-    """GreenMIM model for `config.model` / `config.mask` / `config.decoder`."""
+    """GreenMIM model for `config.model` / `config.mask` / `config.decoder` and
+    `config.norm_pix_loss` (True when absent, e.g. configs built by hand for parity tests)."""
     dtype = jnp.dtype(config.get("dtype", "float32"))
     kwargs = config.model.to_dict()
     kwargs.pop("name", None)
@@ -295,6 +302,7 @@ def build_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> GreenMIMMo
         in_chans=config.model.get("in_chans", 3),
         mlp_ratio=dec.get("mlp_ratio", 4.0),
         decoder_eps=dec.get("norm_eps", 1e-6),
+        norm_pix_loss=config.get("norm_pix_loss", True),
         rngs=rngs,
         dtype=dtype,
     )
@@ -438,14 +446,16 @@ def num_mask_groups(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh |
 def loss_fn(
     model: GreenMIMModel, batch: dict, rngs: nnx.Rngs | None
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Norm-pix MSE on removed units, predicted at those units only; aux holds the metrics.
+    """Pixel MSE on removed units (norm-pix or plain targets, `model.norm_pix_loss`), predicted
+    at those units only; aux holds the metrics.
 
     The prediction head and the MSE form one `norm_pix.linear_mse` (one residual for the
     head's backward instead of a gradient materialized per consumer)."""
     units = batch["removed_units"]
     tokens = model.placed_tokens(batch["image"], batch["plans"], batch["unit_mask"], rngs=rngs)
     head = model.decoder_pred
-    target = take_rows(norm_pix.norm_pix_targets(batch["image"], model.unit), units)
+    pixels = norm_pix.pixel_targets(batch["image"], model.unit, norm_pix=model.norm_pix_loss)
+    target = take_rows(pixels, units)
     loss = norm_pix.linear_mse(
         model.decoder_features(tokens, units), head.kernel[...], head.bias[...], target, head.dtype
     )
@@ -457,6 +467,10 @@ def loss_fn(
 
 
 def reconstruct(model: GreenMIMModel, batch: dict) -> dict[str, jax.Array]:
-    """Images for the grid (input, masked, prediction, pasted; norm_pix.reconstruction_grid)."""
+    """Images for the grid (input, masked, prediction, pasted; norm_pix.reconstruction_grid).
+    A model-like callable without `norm_pix_loss` is read as norm-pix (the default)."""
     pred = model(batch["image"], batch["plans"], batch["unit_mask"])
-    return norm_pix.reconstruction_grid(batch["image"], pred, batch["unit_mask"], model.unit)
+    norm = model.norm_pix_loss
+    return norm_pix.reconstruction_grid(
+        batch["image"], pred, batch["unit_mask"], model.unit, norm_pix=norm
+    )

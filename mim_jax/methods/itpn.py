@@ -1,5 +1,5 @@
 """iTPN (SPEC 3, decisions in SPEC 0): HiViT + feature pyramid on kept main patches, multi-scale
-MAE decoder, norm-pix MSE, plus masked feature modeling (MFM) against a teacher.
+MAE decoder, pixel MSE, plus masked feature modeling (MFM) against a teacher.
 
 Model (`MFMModel`): `itpn.iTPNPixelModel` (SPEC 3.2, 3.3) with one Linear head per MFM target
 on the decoder output `decoded` `[B, L, D]` (every main patch: mask tokens + position over the
@@ -21,11 +21,13 @@ Teacher (`config.mfm.teacher`), kept in the train state by the train loop (train
           (lanczos) to `config.mfm.clip.img_size` when that differs, optionally remapped with
           BEiT-v2's ScalingLayerForClip quirk clamp((x + 1) / 2, 0, 1) (`scaling_quirk`: the
           released code maps [0, 1] to [0.5, 1]), then CLIP-normalized.
-Loss: `pixel_weight` * norm-pix MSE on removed patches + sum_i `weights[i]` * loss_i (EMA) or
-`clip_weight` * loss (CLIP); loss_i is MSE or SmoothL1 (beta 1) (`config.mfm.loss`) averaged
-over the target vector, then over removed patches (`masked_only`) or all patches. A zero
-weight drops its term statically. aux: `loss_pixel`, `loss_mfm_1..3` / `loss_mfm_clip` (the
-terms with nonzero weight), `mask_fraction`; `teacher_momentum` from update_teacher.
+Loss: `pixel_weight` * pixel MSE on removed patches (targets: per-patch normalized pixels when
+`config.norm_pix_loss`, the released code's fixed choice and our default; else the plain
+patchified input) + sum_i `weights[i]` * loss_i (EMA) or `clip_weight` * loss (CLIP); loss_i is
+MSE or SmoothL1 (beta 1) (`config.mfm.loss`) averaged over the target vector, then over removed
+patches (`masked_only`) or all patches. A zero weight drops its term statically. aux:
+`loss_pixel`, `loss_mfm_1..3` / `loss_mfm_clip` (the terms with nonzero weight),
+`mask_fraction`; `teacher_momentum` from update_teacher.
 
 Where the paper and the released code differ (our choices):
 * MFM: the paper pairs pixel reconstruction with MFM against a moving-average teacher fed the
@@ -68,8 +70,9 @@ _ENCODER_KEYS += ("ape", "rpe")
 
 @dataclasses.dataclass(frozen=True)
 class Objective:
-    """The loss settings of `config.mfm` (static, carried by the model: loss_fn sees only the
-    model, the batch and the teacher). `weights` holds one weight per MFM head."""
+    """The loss settings of `config.mfm` and `config.norm_pix_loss` (static, carried by the
+    model: loss_fn sees only the model, the batch and the teacher). `weights` holds one weight
+    per MFM head."""
 
     teacher: str
     pixel_weight: float
@@ -80,6 +83,7 @@ class Objective:
     data_std: tuple[float, ...]
     clip_img_size: int
     scaling_quirk: bool
+    norm_pix_loss: bool
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> Objective:
@@ -95,6 +99,7 @@ class Objective:
             data_std=tuple(config.data.std),
             clip_img_size=mfm.clip.img_size,
             scaling_quirk=bool(mfm.clip.scaling_quirk),
+            norm_pix_loss=bool(config.norm_pix_loss),
         )
 
     @property
@@ -336,7 +341,7 @@ def loss_terms(
     weights = objective.term_weights()
     terms = {}
     if "loss_pixel" in weights:
-        target = norm_pix.norm_pix_targets(images, model.patch_size)
+        target = norm_pix.pixel_targets(images, model.patch_size, norm_pix=objective.norm_pix_loss)
         terms["loss_pixel"] = norm_pix.masked_mse(out.pred, target, mask)
     if any(name in weights for name in objective.head_names):
         targets = teacher_targets(objective, teacher, images)
@@ -388,4 +393,7 @@ def make_batch_transform(
 def reconstruct(model: MFMModel, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
     """Images for the grid (input, masked, prediction, pasted; norm_pix.reconstruction_grid)."""
     out, _ = model(batch["image"], batch["ids_keep"])
-    return norm_pix.reconstruction_grid(batch["image"], out.pred, batch["mask"], model.patch_size)
+    norm = model.objective.norm_pix_loss
+    return norm_pix.reconstruction_grid(
+        batch["image"], out.pred, batch["mask"], model.patch_size, norm_pix=norm
+    )

@@ -1,6 +1,7 @@
 """MAE-style pixel targets shared by GreenMIM and iTPN (SPEC 2.7, 3.3): patchify, per-patch
-normalized pixels (unbiased variance + 1e-6), MSE on removed patches, and the reconstruction
-grid that un-normalizes norm-pix predictions with each target patch's mean and std (SPEC 0)."""
+normalized pixels (unbiased variance + 1e-6) or the plain patches (MAE's `norm_pix_loss` off),
+MSE on removed patches, and the reconstruction grid that un-normalizes norm-pix predictions
+with each target patch's mean and std (SPEC 0)."""
 
 from __future__ import annotations
 
@@ -42,6 +43,15 @@ def norm_pix_targets(images: jax.Array, unit: int) -> jax.Array:
     """Per-patch normalized pixels `[B, L, unit*unit*C]` (SPEC 2.7)."""
     patches, mean, std = patch_stats(images, unit)
     return (patches - mean) / std
+
+
+def pixel_targets(images: jax.Array, unit: int, *, norm_pix: bool) -> jax.Array:
+    """float32 targets `[B, L, unit*unit*C]`: per-patch normalized pixels (`norm_pix`, MAE's
+    `norm_pix_loss`) or the patchified input as is (already normalized with the dataset's
+    mean and std)."""
+    if norm_pix:
+        return norm_pix_targets(images, unit)
+    return patchify(images.astype(jnp.float32), unit)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -91,15 +101,19 @@ def masked_mse(pred: jax.Array, target: jax.Array, unit_mask: jax.Array) -> jax.
 
 
 def reconstruction_grid(
-    images: jax.Array, pred: jax.Array, unit_mask: jax.Array, unit: int
+    images: jax.Array, pred: jax.Array, unit_mask: jax.Array, unit: int, *, norm_pix: bool = True
 ) -> dict[str, jax.Array]:
-    """Images `[B, H, W, C]`, norm-pix predictions `[B, L, unit*unit*C]` and the removed-unit
-    mask `[B, L]` -> input, masked input, un-normalized prediction and prediction pasted into
-    the removed units, all in the input's normalized space."""
+    """Images `[B, H, W, C]`, predictions `[B, L, unit*unit*C]` and the removed-unit mask
+    `[B, L]` -> input, masked input, prediction and prediction pasted into the removed units,
+    all in the input's normalized space. `norm_pix`: the predictions are norm-pix targets and
+    are un-normalized with each input patch's mean and std; otherwise they are used as is."""
     images = images.astype(jnp.float32)
-    _, mean, std = patch_stats(images, unit)
     channels = images.shape[-1]
-    prediction = unpatchify(pred.astype(jnp.float32) * std + mean, unit, channels)
+    pred = pred.astype(jnp.float32)
+    if norm_pix:
+        _, mean, std = patch_stats(images, unit)
+        pred = pred * std + mean
+    prediction = unpatchify(pred, unit, channels)
     removed = unit_mask.astype(jnp.float32)[..., None]
     pixels = unpatchify(jnp.repeat(removed, unit**2 * channels, axis=-1), unit, channels)
     return {

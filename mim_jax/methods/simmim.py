@@ -20,20 +20,7 @@ import numpy as np
 from flax import nnx
 
 from mim_jax import masking
-from mim_jax.models import heads, swin, vit
-
-
-def build_encoder(
-    model_config: ml_collections.ConfigDict, *, use_mask_token: bool, rngs: nnx.Rngs, dtype
-) -> nnx.Module:
-    """Swin or ViT encoder from `config.model`."""
-    kwargs = model_config.to_dict()
-    name = kwargs.pop("name")
-    cls = {"swin": swin.SwinTransformer, "vit": vit.VisionTransformer}[name]
-    for key in ("depths", "num_heads"):
-        if isinstance(kwargs.get(key), list | tuple):
-            kwargs[key] = tuple(kwargs[key])
-    return cls(**kwargs, use_mask_token=use_mask_token, dtype=dtype, rngs=rngs)
+from mim_jax.models import encoders, heads
 
 
 class SimMIMModel(nnx.Module):
@@ -58,7 +45,7 @@ class SimMIMModel(nnx.Module):
 def build_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> SimMIMModel:
     """The SimMIM model for `config.model` in compute dtype `config.dtype`."""
     dtype = jnp.dtype(config.dtype)
-    encoder = build_encoder(config.model, use_mask_token=True, rngs=rngs, dtype=dtype)
+    encoder = encoders.build_encoder(config.model, use_mask_token=True, rngs=rngs, dtype=dtype)
     return SimMIMModel(encoder, rngs=rngs, in_chans=config.model.in_chans, dtype=dtype)
 
 

@@ -16,13 +16,16 @@ PatchMerge and `depth` attention blocks; `patch_embed.proj` / `patch_embed.norm`
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from mim_jax import convert
-from mim_jax.models import layers
+from mim_jax.models import layers, pos_resize
 
 # Stage-1/2 MLP block counts are real block counts. mmpretrain's `depths` count Swin-sized
 # units of two MLP blocks in the early stages (`hivit.py`: stage_depth * 2), so its HiViT-T
@@ -322,38 +325,6 @@ def hivit(arch: str, **kwargs) -> HiViT:
     return HiViT(**{**ARCHS[arch], **kwargs})
 
 
-class HiViTClassifier(nnx.Module):
-    """Official fine-tuning model (`iTPN` with num_outs=1, no pyramid): mean of the stage-3
-    tokens -> `fc_norm` LayerNorm -> Linear `head`. images `[batch, H, W, C]` -> logits."""
-
-    def __init__(
-        self,
-        encoder: HiViT,
-        num_classes: int,
-        *,
-        rngs: nnx.Rngs,
-        norm_eps: float = 1e-6,
-        head_init_std: float = 2e-5,
-        dtype: jnp.dtype = jnp.float32,
-    ):
-        dim = encoder.num_features
-        self.encoder = encoder
-        self.fc_norm = layers.LayerNorm(dim, rngs=rngs, eps=norm_eps, dtype=dtype)
-        self.head = layers.Linear(
-            dim,
-            num_classes,
-            ("embed", None),
-            rngs=rngs,
-            dtype=dtype,
-            kernel_init=layers.trunc_normal(head_init_std),
-        )
-
-    def __call__(self, images: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
-        """images `[batch, H, W, C]` -> logits `[batch, num_classes]`."""
-        tokens = self.encoder(images, rngs=rngs)[2]
-        return self.head(self.fc_norm(jnp.mean(tokens, axis=1)))
-
-
 # PyTorch names (convert.TABLES format) of the encoder under `encoder.`: official flat names.
 # TORCH_BLOCK: the leaves of a `BlockWithRPE` (pyramid and decoder blocks reuse it).
 _W = r"(weight|bias)"
@@ -369,3 +340,30 @@ ENCODER_TABLE = (
     ),
 )
 convert.TABLES["hivit"] = (*ENCODER_TABLE, (rf"^(fc_norm|head)\.{_W}$", r"\1.\2"))
+
+
+def remap_pretrained(
+    source: dict[str, np.ndarray], target: Mapping[str, tuple[int, ...]]
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Key surgery for loading HiViT encoder weights (paths under `encoder.`) into a model whose
+    parameter shapes are `target`: the absolute position table is resized bicubically when the
+    main-patch grid differs (MAE's `interpolate_pos_embed`), relative position bias tables by
+    the geometric-progression cubic interpolation. A table with another head or channel count
+    is left as it is (the caller reports it); ValueError names a table that cannot be resized.
+    Returns the new weights and notes."""
+    out, notes = dict(source), []
+    for key, value in source.items():
+        want = target.get(key)
+        if not want or value.shape == want or value.shape[1:] != tuple(want[1:]):
+            continue
+        try:
+            if key == "encoder.absolute_pos_embed":
+                out[key] = pos_resize.resize_abs_pos_embed(value, math.isqrt(want[0]))
+            elif key.endswith("relative_position_bias_table"):
+                out[key] = pos_resize.resize_rel_pos_table(value, (math.isqrt(want[0]) + 1) // 2)
+            else:
+                continue
+        except ValueError as e:
+            raise ValueError(f"{key} {value.shape} cannot be resized to {want}: {e}") from e
+        notes.append(f"{key} {value.shape}->{out[key].shape}")
+    return out, notes

@@ -248,14 +248,15 @@ convert.TABLES["itpn"] = TORCH_TABLE
 def load_torch(model: iTPNPixelModel, state_dict: Mapping[str, np.ndarray]) -> None:
     """Loads an official `iTPNMaskedAutoencoder` state_dict into `model`.
 
-    Its recomputed buffers must equal ours: `decoder_pos_embed` (2-D sin-cos) and, with
-    rpe, `relative_position_index`.
+    Its recomputed buffers must be present and equal ours: `decoder_pos_embed` (2-D sin-cos,
+    always in the official state_dict) and, with rpe, `relative_position_index`.
     """
     state = dict(state_dict)
-    if "decoder_pos_embed" in state:
-        theirs = np.asarray(state.pop("decoder_pos_embed")).reshape(model.pos_embed.shape)
-        if not np.allclose(theirs, model.pos_embed, atol=1e-6, rtol=0):
-            raise convert.ConversionError("decoder_pos_embed differs from the 2-D sin-cos table")
+    if "decoder_pos_embed" not in state:
+        raise convert.ConversionError("decoder_pos_embed missing in state_dict")
+    theirs = np.asarray(state.pop("decoder_pos_embed")).reshape(model.pos_embed.shape)
+    if not np.allclose(theirs, model.pos_embed, atol=1e-6, rtol=0):
+        raise convert.ConversionError("decoder_pos_embed differs from the 2-D sin-cos table")
     for key in [k for k in state if re.match(r"(.*\.)?relative_position_index$", k)]:
         grid = model.encoder.grid
         if not np.array_equal(state.pop(key), layers.relative_position_index(grid, grid)):

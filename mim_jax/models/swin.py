@@ -7,13 +7,15 @@ Parameter names follow the official PyTorch model (`patch_embed`, `layers.{i}.bl
 from __future__ import annotations
 
 import functools
+import math
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mim_jax.models import layers
+from mim_jax.models import layers, pos_resize
 
 
 def stage_window(resolution: int, window_size: int, shift: bool) -> tuple[int, int]:
@@ -287,3 +289,26 @@ class SwinTransformer(nnx.Module):
         for stage in self.layers:
             x = stage(x, rngs)
         return self.norm(x)
+
+
+def remap_pretrained(
+    source: dict[str, np.ndarray], target: Mapping[str, tuple[int, ...]]
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Key surgery for loading Swin encoder weights (paths under `encoder.`) into a model whose
+    parameter shapes are `target`: every relative position bias table whose window differs is
+    resized by SimMIM's geometric-progression cubic interpolation (window 6 -> 7, 12 -> 14;
+    SPEC 1.6). A table with another head count is left as it is (the caller reports it);
+    ValueError names a table that cannot be resized. Returns the new weights and one note per
+    resized table."""
+    out, notes = dict(source), []
+    for key, value in source.items():
+        want = target.get(key)
+        table = key.endswith("relative_position_bias_table")
+        if not table or not want or value.shape == want or value.shape[1:] != tuple(want[1:]):
+            continue
+        try:
+            out[key] = pos_resize.resize_rel_pos_table(value, (math.isqrt(want[0]) + 1) // 2)
+        except ValueError as e:
+            raise ValueError(f"{key} {value.shape} cannot be resized to {want}: {e}") from e
+        notes.append(f"{key} {value.shape}->{out[key].shape}")
+    return out, notes

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import functools
 import math
+import re
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mim_jax.models import layers
+from mim_jax.models import layers, pos_resize
 
 
 def num_relative_distances(height: int, width: int) -> int:
@@ -314,3 +316,43 @@ class VisionTransformer(nnx.Module):
         b, _, c = x.shape
         h = images.shape[1] // self.patch_size
         return x[:, 1:].reshape(b, h, -1, c)
+
+
+SHARED_TABLE = "encoder.rel_pos_bias.relative_position_bias_table"
+_BLOCK_TABLE = re.compile(r"^encoder\.blocks\.\d+\.attn\.relative_position_bias_table$")
+
+
+def remap_pretrained(
+    source: dict[str, np.ndarray], target: Mapping[str, tuple[int, ...]]
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Key surgery for loading ViT encoder weights (paths under `encoder.`) into a model whose
+    parameter shapes are `target` (SimMIM `remap_pretrained_keys_vit`, SPEC 1.6): the shared
+    relative position bias of pretraining is copied into every block's own table when the
+    target has per-block tables only; tables whose patch grid differs are resized by the
+    geometric-progression cubic interpolation (the 3 cls rows kept); an absolute position
+    embedding whose grid differs is resized bicubically (the cls row kept). Returns the new
+    weights and notes. A table with another head or channel count is left as it is (the
+    caller reports it); ValueError names a table that cannot be resized."""
+    out, notes = dict(source), []
+    blocks = sorted(k for k in target if _BLOCK_TABLE.match(k))
+    if SHARED_TABLE in out and SHARED_TABLE not in target and blocks:
+        shared = out.pop(SHARED_TABLE)
+        out.update({key: shared.copy() for key in blocks})
+        notes.append(f"{SHARED_TABLE} copied into {len(blocks)} blocks")
+    for key, value in list(out.items()):
+        want = target.get(key)
+        if not want or value.shape == want or value.shape[1:] != tuple(want[1:]):
+            continue
+        try:
+            if key.endswith("relative_position_bias_table"):
+                grid = (math.isqrt(want[0] - 3) + 1) // 2
+                out[key] = pos_resize.resize_rel_pos_table_with_extra(value, grid, num_extra=3)
+            elif key == "encoder.pos_embed":
+                grid = math.isqrt(want[0] - 1)
+                out[key] = pos_resize.resize_abs_pos_embed(value, grid, num_extra=1)
+            else:
+                continue
+        except ValueError as e:
+            raise ValueError(f"{key} {value.shape} cannot be resized to {want}: {e}") from e
+        notes.append(f"{key} {value.shape}->{out[key].shape}")
+    return out, notes
