@@ -18,7 +18,11 @@ import importlib.util
 import json
 import os
 import pathlib
+import sys
 import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax
 import ml_collections

@@ -65,27 +65,6 @@ ITPN = {
 }
 
 
-def _vit_base() -> dict:
-    return dict(
-        name="vit",
-        img_size=224,
-        patch_size=16,
-        in_chans=3,
-        embed_dim=768,
-        depth=12,
-        num_heads=12,
-        mlp_ratio=4.0,
-        qkv_bias=True,
-        drop_path_rate=0.1,
-        norm_eps=1e-6,
-        init_values=0.1,
-        use_abs_pos=False,
-        use_shared_rel_pos_bias=False,
-        use_rel_pos_bias=True,
-        use_mean_pooling=True,
-    )
-
-
 def _itpn(c: ml_collections.ConfigDict, variant: str) -> None:
     """iTPN's MAE-code fine-tuning (FINETUNE.md, main_finetune.py): lr = blr * batch / 256,
     5 warmup epochs, half-cycle cosine to 5e-6, no clipping, HiViT with rpe and a trainable
@@ -131,7 +110,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.drop_path_rate = drop
         c.optim.layer_decay = decay
     elif variant == "simmim_vit_base_224":
-        c.model = ml_collections.ConfigDict(_vit_base())
+        c.model = config_lib.vit_base_model(finetune=True)
         c.optim.layer_decay = 0.65
         c.optim.no_decay_keywords = ("pos_embed", "cls_token")
     elif variant in ITPN:

@@ -29,25 +29,6 @@ VARIANTS = (
 )
 
 
-def _vit_base() -> dict:
-    return dict(
-        name="vit",
-        img_size=224,
-        patch_size=16,
-        in_chans=3,
-        embed_dim=768,
-        depth=12,
-        num_heads=12,
-        mlp_ratio=4.0,
-        qkv_bias=True,
-        drop_path_rate=0.1,
-        norm_eps=1e-6,
-        init_values=0.1,
-        use_abs_pos=False,
-        use_shared_rel_pos_bias=True,
-    )
-
-
 def _multistep_800ep(c: ml_collections.ConfigDict) -> None:
     c.num_epochs = 800
     c.optim.base_lr = 1e-4
@@ -72,7 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model = config_lib.swin_model(192, (6, 12, 24, 48), 12, img_size=192, norm_eps=1e-5)
         _multistep_800ep(c)
     elif variant == "vit_base_224":
-        c.model = ml_collections.ConfigDict(_vit_base())
+        c.model = config_lib.vit_base_model(finetune=False)
         _multistep_800ep(c)
     elif variant == "quickstart":
         c.model.img_size = 96

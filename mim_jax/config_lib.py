@@ -162,6 +162,31 @@ def swin_model(
     )
 
 
+def vit_base_model(*, finetune: bool = False) -> ml_collections.ConfigDict:
+    """`config.model` of SimMIM's ViT-B/16 at 224 px: pretraining shares one relative position
+    bias table (`USE_SHARED_RPB`); fine-tuning has one per block and mean pooling + fc_norm."""
+    return ml_collections.ConfigDict(
+        dict(
+            name="vit",
+            img_size=224,
+            patch_size=16,
+            in_chans=3,
+            embed_dim=768,
+            depth=12,
+            num_heads=12,
+            mlp_ratio=4.0,
+            qkv_bias=True,
+            drop_path_rate=0.1,
+            norm_eps=1e-6,
+            init_values=0.1,
+            use_abs_pos=False,
+            use_shared_rel_pos_bias=not finetune,
+            use_rel_pos_bias=finetune,
+            use_mean_pooling=finetune,
+        )
+    )
+
+
 def mae_recipe(c: ml_collections.ConfigDict, *, base_lr: float) -> None:
     """MAE's pretraining recipe (GreenMIM, iTPN pixel; SPEC 2.8, 3.3): RandomResizedCrop(0.2-1,
     bicubic), AdamW (0.9, 0.95), wd 0.05, lr = `base_lr` * batch / 256, 40 warmup epochs then a

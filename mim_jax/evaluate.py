@@ -34,6 +34,7 @@ from flax import nnx
 from mim_jax import checkpoint, config_checks, init_from, probes, sharding, writers
 from mim_jax.config_lib import ConfigError
 from mim_jax.data import input as data_input
+from mim_jax.data.sources import DataError
 from mim_jax.methods import classification
 from mim_jax.models import encoders
 
@@ -85,6 +86,8 @@ def extract(
     forward: Callable, params: nnx.State, data: data_input.EvalData, mesh: jax.sharding.Mesh
 ) -> tuple[np.ndarray, np.ndarray]:
     """(outputs `[N, ...]`, labels `[N]`) of every valid example of one pass, in order."""
+    if data.num_examples == 0:
+        raise DataError("an evaluation split holds no examples")
     outputs, labels = [], []
     with jax.set_mesh(mesh):
         for _ in range(data.num_batches):
