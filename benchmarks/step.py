@@ -62,7 +62,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
 from probe import cost_analysis, host_info, memory_analysis, synthetic_batch
 
-from mim_jax import config_checks, sharding, train
+from mim_jax import config_checks, distributed, sharding, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -239,7 +239,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.getLogger().setLevel(logging.INFO)
-    sharding.initialize_distributed()
+    distributed.initialize_distributed()
     configs = [("config", FLAGS.config)]
     if FLAGS.baseline is not None:
         configs.append(("baseline", FLAGS.baseline))

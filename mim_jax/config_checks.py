@@ -13,6 +13,7 @@ from mim_jax.config_lib import ConfigError
 
 MODES = ("pretrain", "finetune", "evaluate")
 EVAL_KINDS = ("top1", "knn", "linear_probe")
+REMAT = ("none", "full", "dots")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -48,6 +49,12 @@ def _check_common(c: ml_collections.ConfigDict) -> None:
         "config.num_epochs or config.total_steps must be > 0",
     )
     _one_of(c.dtype, ("float32", "bfloat16"), "dtype")
+    _one_of(c.remat, REMAT, "remat")
+    _check(
+        c.accum_steps >= 1 and c.batch_size % c.accum_steps == 0,
+        f"config.accum_steps={c.accum_steps} must be >= 1 and divide config.batch_size="
+        f"{c.batch_size}",
+    )
     _one_of(c.data.source, ("tfds", "folder", "bundled"), "data.source")
     _check(
         c.data.source != "folder" or bool(c.data.folder),

@@ -44,6 +44,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.num_epochs = 100
     c.total_steps = -1  # > 0 overrides num_epochs (smoke runs, benchmarks).
     c.dtype = "float32"  # Compute dtype; parameters and optimizer state stay float32.
+    # Micro-batches per optimizer step (scanned inside the one jitted step): the global batch
+    # `batch_size` is split into `accum_steps` micro-batches of batch_size / accum_steps.
+    c.accum_steps = 1
+    # Rematerialization per block of every encoder and decoder: none | full | dots (keep the
+    # matmul outputs, recompute the rest).
+    c.remat = "none"
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "tfds"  # tfds | folder | bundled

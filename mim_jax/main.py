@@ -22,7 +22,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mim_jax import checkpoint, config_lib, convert, evaluate, sharding, train
+from mim_jax import checkpoint, config_lib, convert, distributed, evaluate, train
 from mim_jax.data import sources
 
 FLAGS = flags.FLAGS
@@ -60,7 +60,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.get_absl_handler().addFilter(_QuietOrbax())
-    sharding.initialize_distributed()
+    distributed.initialize_distributed()
     _hide_accelerators_from_tensorflow()
     config = FLAGS.config
     try:
