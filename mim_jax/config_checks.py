@@ -79,6 +79,7 @@ def _check_common(c: ml_collections.ConfigDict) -> None:
     for axis in ("data", "fsdp", "tensor"):
         size = c.mesh[axis]
         _check(size == -1 or size >= 1, f"config.mesh.{axis}={size} must be -1 or >= 1")
+    _check(c.mesh.dcn_data >= 1, f"config.mesh.dcn_data={c.mesh.dcn_data} must be >= 1")
     _check(
         c.checkpoint_every_steps > 0 and c.log_every_steps > 0 and c.image_every_steps > 0,
         "config.*_every_steps must be > 0",

@@ -97,6 +97,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.data = -1  # -1: whatever devices remain after fsdp and tensor.
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
+    c.mesh.dcn_data = 1  # Slices (multi-slice TPU jobs) the data axis spans over the DCN.
     c.sharding_rules = DEFAULT_SHARDING_RULES
 
     c.log_every_steps = 50

@@ -91,12 +91,24 @@ def extract(
     outputs, labels = [], []
     with jax.set_mesh(mesh):
         for _ in range(data.num_batches):
-            batch = sharding.global_batch(next(data.batches), mesh)
+            batch = sharding.global_batch(next(data.batches), mesh, batch_size=data.batch_size)
             out, label, valid = (np.asarray(x.addressable_data(0)) for x in forward(params, batch))
             outputs.append(out[valid])
             labels.append(label[valid])
     data.batches.close()
     return np.concatenate(outputs), np.concatenate(labels)
+
+
+def eval_data(
+    config: ml_collections.ConfigDict, split: str, max_examples: int, mesh
+) -> data_input.EvalData:
+    """One ordered pass over `split` in global batches of `config.eval.batch_size`, this host
+    reading the rows its devices hold."""
+    batch = config.eval.batch_size
+    rows = sharding.host_batch_rows(mesh, batch)
+    return data_input.make_eval_iterator(
+        config, split, batch_size=batch, max_examples=max_examples, rows=rows
+    )
 
 
 def topk_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -120,12 +132,8 @@ def extract_splits(
 ) -> FeatureSplits:
     """Features of `config.data.split` and `val_split` (subsets per `config.eval`)."""
     e, d = config.eval, config.data
-    bank = data_input.make_eval_iterator(
-        config, d.split, batch_size=e.batch_size, max_examples=e.max_train_examples
-    )
-    val = data_input.make_eval_iterator(
-        config, d.val_split, batch_size=e.batch_size, max_examples=e.max_val_examples
-    )
+    bank = eval_data(config, d.split, e.max_train_examples, mesh)
+    val = eval_data(config, d.val_split, e.max_val_examples, mesh)
     return FeatureSplits(
         *extract(forward, params, bank, mesh), *extract(forward, params, val, mesh)
     )
@@ -198,9 +206,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     forward = make_forward(graphdef, abstract, mesh)
     if config.eval.kind == "top1":
         e = config.eval
-        val = data_input.make_eval_iterator(
-            config, config.data.val_split, batch_size=e.batch_size, max_examples=e.max_val_examples
-        )
+        val = eval_data(config, config.data.val_split, e.max_val_examples, mesh)
         results = topk_metrics(*extract(forward, params, val, mesh))
     else:
         features = extract_splits(config, forward, params, mesh)
@@ -223,6 +229,11 @@ class PeriodicEval:
         self.best = None
         if self.every <= 0:
             return
+        if config.eval.batch_size % sharding.batch_shards(s.mesh):
+            raise ConfigError(
+                f"config.eval.batch_size={config.eval.batch_size} must be divisible by "
+                f"data*fsdp={sharding.batch_shards(s.mesh)}"
+            )
         if self.finetune:
             abstract = jax.tree.map(lambda x: x, s.abstract_state.params)
             self.forward = make_forward(s.graphdef, abstract, s.mesh)
@@ -244,12 +255,7 @@ class PeriodicEval:
         if not self.finetune:
             features = extract_splits(self.config, self.forward, state.params, self.mesh)
             return knn_metrics(self.config, features, self.num_classes, self.mesh)
-        val = data_input.make_eval_iterator(
-            self.config,
-            self.config.data.val_split,
-            batch_size=e.batch_size,
-            max_examples=e.max_val_examples,
-        )
+        val = eval_data(self.config, self.config.data.val_split, e.max_val_examples, self.mesh)
         results = topk_metrics(*extract(self.forward, state.params, val, self.mesh))
         best = self.best.save_if_best(step, state, results)
         return {**results, "best_top1": best}

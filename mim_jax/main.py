@@ -19,6 +19,7 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -60,10 +61,12 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.get_absl_handler().addFilter(_QuietOrbax())
-    distributed.initialize_distributed()
-    _hide_accelerators_from_tensorflow()
     config = FLAGS.config
     try:
+        distributed.initialize_distributed()
+        if jax.process_index() != 0:  # One host reports progress; the others only warn.
+            logging.set_verbosity(logging.WARNING)
+        _hide_accelerators_from_tensorflow()
         if config.mode == "evaluate":
             evaluate.run(config, FLAGS.workdir)
         else:

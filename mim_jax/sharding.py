@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mim_jax import pytree
@@ -27,41 +28,64 @@ BATCH_AXES = ("data", "fsdp")
 def make_mesh(
     mesh_config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None
 ) -> jax.sharding.Mesh:
-    """Mesh with axes (data, fsdp, tensor); a size of -1 takes the remaining devices."""
+    """Mesh with axes (data, fsdp, tensor); a size of -1 takes the remaining devices.
+
+    With `mesh_config.dcn_data` = S > 1 (a multi-slice job: S TPU slices, or S processes on
+    other platforms, joined by the data-center network) the `data` axis spans the S slices
+    and every other axis stays inside a slice, the layout `create_hybrid_device_mesh` builds.
+    """
     devices = list(devices if devices is not None else jax.devices())
+    shape = _mesh_shape(mesh_config, len(devices))
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    slices = int(mesh_config.get("dcn_data", 1))
+    if slices <= 1:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+    if shape[0] % slices:
+        raise ConfigError(
+            f"config.mesh.dcn_data={slices} must divide the data axis ({shape[0]} devices)"
+        )
+    per_slice = (shape[0] // slices, *shape[1:])
+    # TPU slices carry distinct slice indices; elsewhere (CPU, GPU) processes are the slices.
+    by_process = len({getattr(d, "slice_index", 0) for d in devices}) == 1
+    try:
+        grid = mesh_utils.create_hybrid_device_mesh(
+            per_slice, (slices, 1, 1), devices, process_is_granule=by_process
+        )
+    except (AssertionError, ValueError) as e:
+        unit = "processes" if by_process else "slices"
+        raise ConfigError(
+            f"config.mesh.dcn_data={slices} does not match the job's {unit}: {e}"
+        ) from None
+    return jax.sharding.Mesh(grid, MESH_AXES, axis_types=auto)
+
+
+def _mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
+    """(data, fsdp, tensor) sizes with the one -1 axis resolved."""
     sizes = {axis: int(mesh_config[axis]) for axis in MESH_AXES}
     fixed = int(np.prod([s for s in sizes.values() if s != -1]))
     free = [a for a, s in sizes.items() if s == -1]
     if len(free) > 1:
         raise ConfigError(f"config.mesh: only one axis may be -1, got {free}")
     if free:
-        if len(devices) % fixed:
-            raise ValueError(
-                f"config.mesh: {len(devices)} devices are not divisible by the fixed axes ({fixed})"
+        if num_devices % fixed:
+            raise ConfigError(
+                f"config.mesh: {num_devices} devices are not divisible by the fixed axes ({fixed})"
             )
-        sizes[free[0]] = len(devices) // fixed
+        sizes[free[0]] = num_devices // fixed
     shape = tuple(sizes[a] for a in MESH_AXES)
-    if int(np.prod(shape)) != len(devices):
+    if int(np.prod(shape)) != num_devices:
         raise ConfigError(
             f"config.mesh: data*fsdp*tensor = {int(np.prod(shape))} but there are "
-            f"{len(devices)} devices"
+            f"{num_devices} devices"
         )
-    return jax.make_mesh(
-        shape,
-        MESH_AXES,
-        axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
-        devices=devices,
-    )
+    return shape
 
 
 def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh) -> None:
-    """The global batch must split evenly over hosts and over the data x fsdp shards."""
+    """The global batch must split evenly over the data x fsdp shards."""
     shards = batch_shards(mesh)
-    if batch_size % shards or batch_size % jax.process_count():
-        raise ConfigError(
-            f"config.batch_size={batch_size} must be divisible by data*fsdp={shards} and by "
-            f"the number of hosts ({jax.process_count()})"
-        )
+    if batch_size % shards:
+        raise ConfigError(f"config.batch_size={batch_size} must be divisible by data*fsdp={shards}")
 
 
 def logical_to_mesh(
@@ -137,38 +161,55 @@ def mask_groups_sharded(num_groups: int, mesh: jax.sharding.Mesh) -> bool:
     return num_groups % batch_shards(mesh) == 0
 
 
+def host_batch_rows(mesh: jax.sharding.Mesh, batch_size: int) -> np.ndarray:
+    """The global batch rows this process feeds, ascending: the union of its devices' slices
+    under the batch sharding. Host-major meshes give one contiguous block per host; others
+    (a TPU mesh from `jax.make_mesh`, a `tensor` axis spanning hosts) may give several blocks,
+    or the same rows to several hosts (replicas, which then feed identical data)."""
+    indices = batch_sharding(mesh).addressable_devices_indices_map((batch_size,))
+    rows = set()
+    for (rows_slice,) in indices.values():
+        rows.update(range(*rows_slice.indices(batch_size)))
+    return np.array(sorted(rows), np.int64)
+
+
 def global_batch(
     local: dict,
     mesh: jax.sharding.Mesh,
     *,
+    batch_size: int | None = None,
     group_keys: Sequence[str] = (),
     num_groups: int = 1,
 ) -> dict:
     """Host-local numpy batch -> global jax.Arrays on `mesh`.
 
-    Every key's leading axis is the batch, split over the data and fsdp axes, except the
-    pytrees under `group_keys` (GreenMIM plans), whose leaves lead with the `num_groups` mask
-    groups: split like the batch when the shards divide `num_groups` (each host then holds its
-    own groups), else replicated (each host holds all of them).
+    `local` holds this process's rows of the global batch of `batch_size` rows, in the order of
+    `host_batch_rows` (`batch_size` may be omitted in a single process: the local batch is the
+    global one). Every key's leading axis is the batch, split over the data and fsdp axes,
+    except the pytrees under `group_keys` (GreenMIM plans), whose leaves lead with the
+    `num_groups` mask groups: split like the batch when the shards divide `num_groups` (each
+    host then holds its own groups, ascending), else replicated (each host holds all of them).
     """
+    if batch_size is None:
+        if jax.process_count() > 1:
+            raise ValueError("global_batch needs the global batch_size with several processes")
+        batch_size = len(next(iter(local.values())))
     per_shard = batch_shards(mesh)
+    if batch_size % per_shard:
+        raise ValueError(f"global batch {batch_size} is not divisible by data*fsdp = {per_shard}")
     sharded_groups = mask_groups_sharded(num_groups, mesh)
+
+    def place(value: np.ndarray, rows: int, sharded: bool) -> jax.Array:
+        where = batch_sharding(mesh, value.ndim) if sharded else replicated(mesh)
+        shape = (rows, *value.shape[1:]) if sharded else value.shape
+        return jax.make_array_from_process_local_data(where, value, shape)
+
     out = {}
     for key, value in local.items():
         if key in group_keys:
-            out[key] = jax.tree.map(
-                lambda leaf: jax.make_array_from_process_local_data(
-                    batch_sharding(mesh, leaf.ndim) if sharded_groups else replicated(mesh), leaf
-                ),
-                value,
-            )
-            continue
-        global_size = value.shape[0] * jax.process_count()
-        if global_size % per_shard:
-            raise ValueError(
-                f"global batch {global_size} is not divisible by data*fsdp = {per_shard}"
-            )
-        out[key] = jax.make_array_from_process_local_data(batch_sharding(mesh, value.ndim), value)
+            out[key] = jax.tree.map(lambda v: place(v, num_groups, sharded_groups), value)
+        else:
+            out[key] = place(value, batch_size, True)
     return out
 
 

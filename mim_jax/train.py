@@ -33,6 +33,7 @@ import optax
 from flax import nnx
 
 from mim_jax import checkpoint, config_checks, evaluate, init_from, optim, sharding, writers
+from mim_jax.accumulate import mean_over_micro_batches
 from mim_jax.data import input as data_input
 from mim_jax.methods import get_method
 
@@ -102,8 +103,18 @@ def make_train_step(
     teacher_graphdef: nnx.GraphDef | None = None,
     total_steps: int = 0,
 ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
-    """The pure train step (not yet jitted): loss, grads, AdamW update, teacher update, metrics."""
+    """The pure train step (not yet jitted): loss, grads, AdamW update, teacher update, metrics.
+
+    With `config.accum_steps` = k > 1 the batch is split into k micro-batches (mim_jax/
+    accumulate.py), scanned with the gradients summed; loss, aux metrics and gradients are
+    their means, followed by one optimizer and teacher update. As micro-batches are
+    equal-sized, the mean loss equals the full batch's for per-row means (GreenMIM, iTPN,
+    cross-entropy); SimMIM's L1 divides by each micro-batch's masked-pixel count, which equals
+    the full batch's share when every image masks the same number of patches (its masks do).
+    """
     dropout_key = jax.random.key(config.seed + 1)
+    accum = config.get("accum_steps", 1)
+    group_keys = tuple(getattr(method, "GROUP_KEYS", ()))
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
         step_key = jax.random.fold_in(dropout_key, state.step)
@@ -112,13 +123,21 @@ def make_train_step(
             frozen = jax.lax.stop_gradient(state.teacher)
             kwargs["teacher"] = nnx.merge(teacher_graphdef, frozen)
 
-        def compute_loss(params: nnx.State):
-            # Built inside the grad trace (NNX needs that): drop path, and in-step augmentation
-            # (fine-tuning's Mixup/CutMix) on a separate stream.
-            rngs = nnx.Rngs(dropout=step_key, augment=jax.random.fold_in(step_key, AUGMENT_STREAM))
-            return method.loss_fn(nnx.merge(graphdef, params), batch, rngs, **kwargs)
+        def grads_of(params: nnx.State, batch: dict[str, jax.Array], key: jax.Array):
+            def compute_loss(params: nnx.State):
+                # Built inside the grad trace (NNX needs that): drop path, and in-step
+                # augmentation (fine-tuning's Mixup/CutMix) on a separate stream.
+                rngs = nnx.Rngs(dropout=key, augment=jax.random.fold_in(key, AUGMENT_STREAM))
+                return method.loss_fn(nnx.merge(graphdef, params), batch, rngs, **kwargs)
 
-        (loss, aux), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.params)
+            return jax.value_and_grad(compute_loss, has_aux=True)(params)
+
+        if accum == 1:
+            (loss, aux), grads = grads_of(state.params, batch, step_key)
+        else:
+            (loss, aux), grads = mean_over_micro_batches(
+                grads_of, state.params, batch, step_key, accum, group_keys
+            )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         teacher = state.teacher
@@ -219,6 +238,7 @@ def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, num_exampl
     place_batch = functools.partial(
         sharding.global_batch,
         mesh=mesh,
+        batch_size=config.batch_size,
         group_keys=group_keys,
         num_groups=method.num_mask_groups(config, mesh) if group_keys else 1,
     )
@@ -315,6 +335,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[int, dict[str
             config,
             start_step=start_step,
             batch_transform=s.method.make_batch_transform(config, s.mesh),
+            rows=sharding.host_batch_rows(s.mesh, config.batch_size),
         )
         stack.callback(batches.close)
         periodic = evaluate.PeriodicEval(s, workdir)

@@ -223,11 +223,11 @@ def test_process_sharding_reads_only_own_records(class_folder, monkeypatch):
         return original(self, record)
 
     monkeypatch.setattr(sources.FolderSource, "read", counting_read)
-    whole = _first_batches(config, 3, process_index=0, process_count=1)
+    whole = _first_batches(config, 3, rows=input_lib.host_rows(8, 0, 1))
     whole_reads, reads[:] = list(reads), []
     hosts, host_reads = [], []
     for process_index in range(2):
-        hosts.append(_first_batches(config, 3, process_index=process_index, process_count=2))
+        hosts.append(_first_batches(config, 3, rows=input_lib.host_rows(8, process_index, 2)))
         host_reads.append(list(reads))
         reads[:] = []
     assert len(whole_reads) == 24 and [len(r) for r in host_reads] == [12, 12]
@@ -245,7 +245,7 @@ def test_process_sharding_reads_only_own_records(class_folder, monkeypatch):
 
 def test_batch_size_not_divisible_by_processes():
     with pytest.raises(input_lib.DataError, match="not divisible by the process count 3"):
-        input_lib.make_pretrain_iterator(_config(), process_index=0, process_count=3)
+        input_lib.host_rows(_config().batch_size, 0, 3)
 
 
 def test_folder_sources_class_and_flat(class_folder, tmp_path):

@@ -101,7 +101,7 @@ def test_eval_iterator_hosts_split_every_batch():
     config = _config()
     _, whole = _all_batches(config, "validation", 24, max_examples=60)
     hosts = [
-        _all_batches(config, "validation", 24, max_examples=60, process_index=i, process_count=2)
+        _all_batches(config, "validation", 24, max_examples=60, rows=input_lib.host_rows(24, i, 2))
         for i in range(2)
     ]
     assert [d.num_batches for d, _ in hosts] == [3, 3]
@@ -110,9 +110,7 @@ def test_eval_iterator_hosts_split_every_batch():
             joined = np.concatenate([hosts[0][1][step][key], hosts[1][1][step][key]])
             np.testing.assert_array_equal(joined, batch[key])
     with pytest.raises(input_lib.DataError, match="not divisible by the process count 5"):
-        input_lib.make_eval_iterator(
-            config, "validation", batch_size=24, process_index=0, process_count=5
-        )
+        input_lib.host_rows(24, 0, 5)
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,10 @@ Training. Every example has a global position `p` (step * global_batch + slot). 
 augmentation draws come from `np.random.default_rng([seed, AUGMENT_STREAM, p])` (and random
 erasing's from `[seed, ERASE_STREAM, p]`). Both are pure functions of (config.seed, p), so
 batches do not depend on the worker count, the host count or the iteration history, and
-`start_step` resumes exactly. Each host reads and decodes only the records of its own slice
-`[process_index * local_batch, ...)` of every global batch. The augmentation follows
+`start_step` resumes exactly. Each host reads and decodes only the records of its own rows of
+every global batch: the rows its devices hold under the batch sharding
+(`sharding.host_batch_rows`), so the host-local arrays land where the mesh puts them whatever
+the device order. The augmentation follows
 `config.mode`: pretraining crops and flips (SPEC 1.2, 2.8); fine-tuning adds RandAugment or
 colour jitter and random erasing (SPEC 1.8).
 
@@ -94,19 +96,17 @@ class _ReadExample:
         self,
         source: sources.Source,
         config: ml_collections.ConfigDict,
-        local_batch: int,
-        process_index: int,
+        rows: np.ndarray,
     ):
         self._source = source
         self._seed = config.seed
         self._global_batch = config.batch_size
-        self._local_batch = local_batch
-        self._offset = process_index * local_batch
+        self._rows = rows
         self._augment = _train_augment(config)
 
     def __call__(self, local_example: int) -> Batch:
-        step, slot = divmod(local_example, self._local_batch)
-        position = step * self._global_batch + self._offset + slot
+        step, slot = divmod(local_example, len(self._rows))
+        position = step * self._global_batch + int(self._rows[slot])
         epoch, in_epoch = divmod(position, len(self._source))
         record = int(epoch_permutation(self._seed, epoch, len(self._source))[in_epoch])
         image, label = self._source.read(record)
@@ -153,17 +153,26 @@ class _FinishBatch:
         return batch
 
 
-def _local_batch(global_batch: int, process_index: int | None, process_count: int | None):
-    """(process_index, local batch) for `global_batch` split over the hosts."""
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
+def host_rows(global_batch: int, process_index: int, process_count: int) -> np.ndarray:
+    """Rows of a host-major layout: host p feeds the p-th contiguous block of each batch."""
     if global_batch % process_count:
         raise DataError(
             f"batch size {global_batch} is not divisible by the process count {process_count}"
         )
     if not 0 <= process_index < process_count:
         raise DataError(f"process_index={process_index} not in [0, {process_count})")
-    return process_index, global_batch // process_count
+    local = global_batch // process_count
+    return np.arange(process_index * local, (process_index + 1) * local, dtype=np.int64)
+
+
+def _rows(global_batch: int, rows: Sequence[int] | None) -> np.ndarray:
+    """`rows` checked against the batch, or this process's host-major rows."""
+    if rows is None:
+        return host_rows(global_batch, jax.process_index(), jax.process_count())
+    rows = np.asarray(rows, np.int64)
+    if rows.ndim != 1 or not len(rows) or rows.min() < 0 or rows.max() >= global_batch:
+        raise DataError(f"rows must index the global batch of {global_batch}")
+    return rows
 
 
 def _iterate(ds: grain.MapDataset, data: ml_collections.ConfigDict) -> Iterator[Batch]:
@@ -184,8 +193,7 @@ def make_pretrain_iterator(
     *,
     start_step: int = 0,
     batch_transform: BatchTransform | None = None,
-    process_index: int | None = None,
-    process_count: int | None = None,
+    rows: Sequence[int] | None = None,
 ) -> Iterator[Batch]:
     """Endless host-local training batches of `config.data.split`; the k-th one is for step
     `start_step + k` (pretraining and fine-tuning alike: the augmentation follows the mode).
@@ -193,8 +201,7 @@ def make_pretrain_iterator(
     Each batch: 'image' float32 `[local_batch, H, W, 3]` (H = W = config.model.img_size,
     normalized with config.data.mean/std), 'label' int32 `[local_batch]` (-1 where the source
     has none) and 'index' int64 `[local_batch]`, the global example position
-    `step * batch_size + process_index * local_batch + i`, with
-    `local_batch = config.batch_size // process_count`.
+    `step * batch_size + rows[i]`, with `local_batch = len(rows)`.
 
     Args:
       config: the full config (`mode`, `data`, `batch_size`, `seed`, `model.img_size`).
@@ -203,13 +210,14 @@ def make_pretrain_iterator(
       batch_transform: `f(batch, step) -> batch`, run inside the pipeline (in grain worker
         processes when config.data.num_workers > 0), e.g. to add host-side masks. It is
         pickled into the workers: use a top-level function or a `functools.partial` of one.
-      process_index, process_count: this host and the host count; default
-        `jax.process_index()` / `jax.process_count()`.
+      rows: the global batch rows this host feeds, in the order of its devices' shards
+        (`sharding.host_batch_rows`); default: this process's block of a host-major layout
+        (`host_rows(batch_size, jax.process_index(), jax.process_count())`).
 
     Returns:
       A grain iterator; call `.close()` when done to stop worker processes early.
     """
-    process_index, local_batch = _local_batch(config.batch_size, process_index, process_count)
+    rows = _rows(config.batch_size, rows)
     if start_step < 0:
         raise DataError(f"start_step={start_step} must be >= 0")
     d = config.data
@@ -218,8 +226,8 @@ def make_pretrain_iterator(
     finish = _FinishBatch(d.mean, d.std, batch_transform, seed=config.seed, erase_prob=erase_prob)
     ds = (
         grain.MapDataset.range(sys.maxsize)
-        .map(_ReadExample(source, config, local_batch, process_index))
-        .batch(local_batch, drop_remainder=True)
+        .map(_ReadExample(source, config, rows))
+        .batch(len(rows), drop_remainder=True)
         .map_with_index(finish)
     )[start_step:]
     return _iterate(ds, d)
@@ -242,21 +250,19 @@ class _ReadEvalExample:
         records: np.ndarray,
         config: ml_collections.ConfigDict,
         global_batch: int,
-        local_batch: int,
-        process_index: int,
+        rows: np.ndarray,
     ):
         self._source = source
         self._records = records
         self._global_batch = global_batch
-        self._local_batch = local_batch
-        self._offset = process_index * local_batch
+        self._rows = rows
         self._size = config.model.img_size
         self._crop_pct = config.data.crop_pct
         self._interpolation = config.data.interpolation
 
     def __call__(self, local_example: int) -> Batch:
-        batch, slot = divmod(local_example, self._local_batch)
-        position = batch * self._global_batch + self._offset + slot
+        batch, slot = divmod(local_example, len(self._rows))
+        position = batch * self._global_batch + int(self._rows[slot])
         if position >= len(self._records):
             blank = np.zeros((self._size, self._size, 3), np.uint8)
             return {"image": blank, "label": np.int32(-1), "valid": np.bool_(False)}
@@ -270,11 +276,13 @@ class _ReadEvalExample:
 @dataclasses.dataclass
 class EvalData:
     """One pass over an evaluation split: `batches` yields `num_batches` host-local batches
-    ('image' float32, 'label' int32, 'valid' bool) covering `num_examples` examples."""
+    ('image' float32, 'label' int32, 'valid' bool) of global batches of `batch_size`, covering
+    `num_examples` examples."""
 
     batches: Iterator[Batch]
     num_examples: int
     num_batches: int
+    batch_size: int
 
 
 def make_eval_iterator(
@@ -283,21 +291,21 @@ def make_eval_iterator(
     *,
     batch_size: int,
     max_examples: int = 0,
-    process_index: int | None = None,
-    process_count: int | None = None,
+    rows: Sequence[int] | None = None,
 ) -> EvalData:
     """One ordered pass over `split` in global batches of `batch_size` (module docstring);
-    `max_examples` > 0 reads an evenly spaced subset of that many examples."""
-    process_index, local_batch = _local_batch(batch_size, process_index, process_count)
+    `max_examples` > 0 reads an evenly spaced subset of that many examples; `rows` as for
+    `make_pretrain_iterator`."""
+    rows = _rows(batch_size, rows)
     d = config.data
     source = sources.make_source(d, split)
     records = eval_records(len(source), max_examples)
     num_batches = math.ceil(len(records) / batch_size)
-    read = _ReadEvalExample(source, records, config, batch_size, local_batch, process_index)
+    read = _ReadEvalExample(source, records, config, batch_size, rows)
     ds = (
-        grain.MapDataset.range(num_batches * local_batch)
+        grain.MapDataset.range(num_batches * len(rows))
         .map(read)
-        .batch(local_batch, drop_remainder=True)
+        .batch(len(rows), drop_remainder=True)
         .map_with_index(_FinishBatch(d.mean, d.std, None))
     )
-    return EvalData(_iterate(ds, d), len(records), num_batches)
+    return EvalData(_iterate(ds, d), len(records), num_batches, batch_size)

@@ -45,13 +45,14 @@ def build_classifier(
     num_classes: int,
     rngs: nnx.Rngs,
     cls: type[heads.Classifier] = heads.Classifier,
+    remat: str = "none",
     **kwargs,
 ) -> heads.Classifier:
     """`cls` (a Classifier) over the encoder of `config.model` with `num_classes` outputs
-    (module docstring); `kwargs` go to `cls`."""
+    (module docstring), its blocks rematerialized per `remat`; `kwargs` go to `cls`."""
     m = config.model
     dtype = jnp.dtype(config.dtype)
-    encoder = encoders.build_encoder(m, rngs=rngs, dtype=dtype)
+    encoder = encoders.build_encoder(m, rngs=rngs, dtype=dtype, remat=remat)
     fc_norm, std, scale = HEAD_INIT[m.name]
     if m.name == "vit":
         fc_norm = bool(m.get("use_mean_pooling", False))
@@ -87,7 +88,12 @@ def build_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> FineTuneCl
         raise ValueError("config.num_classes must be set from the data before building the model")
     settings = mixup_settings(config, config.num_classes)
     return build_classifier(
-        config, config.num_classes, rngs, FineTuneClassifier, mixup_settings=settings
+        config,
+        config.num_classes,
+        rngs,
+        FineTuneClassifier,
+        remat=config.get("remat", "none"),
+        mixup_settings=settings,
     )
 
 

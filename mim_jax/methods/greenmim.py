@@ -49,6 +49,7 @@ from mim_jax import convert, grouping, masking, sharding
 from mim_jax.config_lib import ConfigError
 from mim_jax.methods import norm_pix
 from mim_jax.models import green_swin, layers
+from mim_jax.models import remat as remat_lib
 
 # PyTorch name table (convert.SWIN_TABLE format). Encoder rows equal SimMIM Swin's.
 _W = r"(weight|bias)"
@@ -175,7 +176,8 @@ class GreenMIMModel(nnx.Module):
     """GreenSwin encoder + MAE decoder: (images, plans, unit_mask) -> `[B, L, u*u*3]`.
 
     `norm_pix_loss` (static) selects the loss target and how the reconstruction grid reads the
-    predictions (norm-pix or plain pixels)."""
+    predictions (norm-pix or plain pixels); `remat` rematerializes every decoder block (the
+    encoder's own `remat` its blocks; models/remat.py)."""
 
     def __init__(
         self,
@@ -192,10 +194,12 @@ class GreenMIMModel(nnx.Module):
         decoder_eps: float = 1e-6,
         norm_pix_loss: bool = True,
         dtype=jnp.float32,
+        remat: str = "none",
     ):
         if img_size % unit:
             raise ValueError(f"mask unit {unit} must divide img_size {img_size}")
         self.encoder = encoder
+        self.remat = remat_lib.check(remat)
         self.unit = unit
         self.grid = img_size // unit
         self.norm_pix_loss = bool(norm_pix_loss)
@@ -246,7 +250,8 @@ class GreenMIMModel(nnx.Module):
         x = x + jnp.asarray(self.pos_embed, x.dtype)
         last = len(self.decoder_blocks) - 1  # config_lib.validate: at least one block.
         for i, block in enumerate(self.decoder_blocks):
-            x = block(x, units if i == last else None)
+            queries = units if i == last else None
+            x = remat_lib.call(self.remat, TransformerBlock.__call__, block, x, queries)
         return self.decoder_norm(x)
 
     def decode(self, x: jax.Array, units: jax.Array | None = None) -> jax.Array:
@@ -281,8 +286,9 @@ class GreenMIMModel(nnx.Module):
 
 
 def build_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> GreenMIMModel:
-    """GreenMIM model for `config.model` / `config.mask` / `config.decoder` and
-    `config.norm_pix_loss` (True when absent, e.g. configs built by hand for parity tests)."""
+    """GreenMIM model for `config.model` / `config.mask` / `config.decoder`,
+    `config.norm_pix_loss` (True when absent, e.g. configs built by hand for parity tests) and
+    `config.remat` (block rematerialization of encoder and decoder; "none" when absent)."""
     dtype = jnp.dtype(config.get("dtype", "float32"))
     kwargs = config.model.to_dict()
     kwargs.pop("name", None)
@@ -290,7 +296,8 @@ def build_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> GreenMIMMo
     for key in ("depths", "num_heads"):
         if isinstance(kwargs.get(key), list | tuple):
             kwargs[key] = tuple(kwargs[key])
-    encoder = green_swin.GreenSwinTransformer(**kwargs, dtype=dtype, rngs=rngs)
+    remat = config.get("remat", "none")
+    encoder = green_swin.GreenSwinTransformer(**kwargs, dtype=dtype, remat=remat, rngs=rngs)
     dec = config.decoder
     return GreenMIMModel(
         encoder,
@@ -305,6 +312,7 @@ def build_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> GreenMIMMo
         norm_pix_loss=config.get("norm_pix_loss", True),
         rngs=rngs,
         dtype=dtype,
+        remat=remat,
     )
 
 

@@ -153,14 +153,19 @@ class NoTeacher(nnx.Module):
 
 
 def build_encoder(
-    config: ml_collections.ConfigDict, rngs: nnx.Rngs, *, drop_path_rate: float | None = None
+    config: ml_collections.ConfigDict,
+    rngs: nnx.Rngs,
+    *,
+    drop_path_rate: float | None = None,
+    remat: str = "none",
 ) -> hivit.HiViT:
-    """HiViT from `config.model` (`drop_path_rate` overrides the config's)."""
+    """HiViT from `config.model` (`drop_path_rate` overrides the config's; `remat`: block
+    rematerialization, models/remat.py)."""
     m = config.model
     rate = m.drop_path_rate if drop_path_rate is None else drop_path_rate
     kwargs = {key: m[key] for key in _ENCODER_KEYS}
     dtype = jnp.dtype(config.dtype)
-    return hivit.HiViT(**kwargs, drop_path_rate=rate, dtype=dtype, rngs=rngs)
+    return hivit.HiViT(**kwargs, drop_path_rate=rate, dtype=dtype, remat=remat, rngs=rngs)
 
 
 def head_dims(config: ml_collections.ConfigDict) -> tuple[int, ...]:
@@ -175,10 +180,11 @@ def head_dims(config: ml_collections.ConfigDict) -> tuple[int, ...]:
 
 def build_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> MFMModel:
     """The student: HiViT + pyramid + decoder + MFM heads, from `config.model` / `decoder`
-    (`model.mlp_ratio` also sets the pyramid and decoder MLPs, as in the official model)."""
+    (`model.mlp_ratio` also sets the pyramid and decoder MLPs, as in the official model);
+    `config.remat` rematerializes the blocks of encoder, pyramid and decoder."""
     dec = config.decoder
     return MFMModel(
-        build_encoder(config, rngs),
+        build_encoder(config, rngs, remat=config.get("remat", "none")),
         objective=Objective.from_config(config),
         head_dims=head_dims(config),
         fpn_dim=config.model.fpn_dim,
@@ -190,6 +196,7 @@ def build_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> MFMModel:
         in_chans=config.model.in_chans,
         norm_eps=dec.norm_eps,
         dtype=jnp.dtype(config.dtype),
+        remat=config.get("remat", "none"),
         rngs=rngs,
     )
 

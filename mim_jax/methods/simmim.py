@@ -43,9 +43,12 @@ class SimMIMModel(nnx.Module):
 
 
 def build_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> SimMIMModel:
-    """The SimMIM model for `config.model` in compute dtype `config.dtype`."""
+    """The SimMIM model for `config.model` in compute dtype `config.dtype`, its encoder
+    blocks rematerialized per `config.remat`."""
     dtype = jnp.dtype(config.dtype)
-    encoder = encoders.build_encoder(config.model, use_mask_token=True, rngs=rngs, dtype=dtype)
+    encoder = encoders.build_encoder(
+        config.model, use_mask_token=True, rngs=rngs, dtype=dtype, remat=config.get("remat", "none")
+    )
     return SimMIMModel(encoder, rngs=rngs, in_chans=config.model.in_chans, dtype=dtype)
 
 

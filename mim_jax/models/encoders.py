@@ -52,9 +52,11 @@ def build_encoder(
     dtype: jnp.dtype = jnp.float32,
     use_mask_token: bool = False,
     drop_path_rate: float | None = None,
+    remat: str = "none",
 ) -> nnx.Module:
     """The encoder named by `model_config.name`; `use_mask_token` adds SimMIM's mask token
-    (Swin and ViT), `drop_path_rate` overrides the config's."""
+    (Swin and ViT), `drop_path_rate` overrides the config's, `remat` rematerializes every block
+    (models/remat.py)."""
     kind = model_config.name
     if kind not in KINDS:
         raise ValueError(f"config.model.name='{kind}' must be one of {', '.join(KINDS)}")
@@ -62,9 +64,9 @@ def build_encoder(
     if drop_path_rate is not None:
         kwargs["drop_path_rate"] = drop_path_rate
     if kind == "itpn":
-        return hivit.HiViT(**kwargs, dtype=dtype, rngs=rngs)
+        return hivit.HiViT(**kwargs, dtype=dtype, remat=remat, rngs=rngs)
     cls = swin.SwinTransformer if kind == "swin" else vit.VisionTransformer
-    return cls(**kwargs, use_mask_token=use_mask_token, dtype=dtype, rngs=rngs)
+    return cls(**kwargs, use_mask_token=use_mask_token, dtype=dtype, remat=remat, rngs=rngs)
 
 
 def pooled_features(

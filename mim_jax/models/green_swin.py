@@ -49,6 +49,7 @@ from flax import nnx
 
 from mim_jax import grouping
 from mim_jax.models import layers, swin
+from mim_jax.models import remat as remat_lib
 
 Plans = dict[str, Any]
 
@@ -305,7 +306,7 @@ class GreenSwinTransformer(swin.SwinTransformer):
         outputs = []
         for stage, entry in zip(self.layers, plans["stages"], strict=True):
             for block in stage.blocks:
-                x = green_block(block, x, entry["attn"], rngs)
+                x = remat_lib.call(self.remat, green_block, block, x, entry["attn"], rngs)
             outputs.append(x)
             if stage.downsample is not None:
                 x = sparse_merge(stage.downsample, x, entry["merge"])

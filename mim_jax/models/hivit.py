@@ -26,6 +26,7 @@ from flax import nnx
 
 from mim_jax import convert
 from mim_jax.models import layers, pos_resize
+from mim_jax.models import remat as remat_lib
 
 # Stage-1/2 MLP block counts are real block counts. mmpretrain's `depths` count Swin-sized
 # units of two MLP blocks in the early stages (`hivit.py`: stage_depth * 2), so its HiViT-T
@@ -178,6 +179,8 @@ class HiViT(nnx.Module):
     instead resamples it bicubically by (grid + 0.1) / grid whenever tokens are dropped
     (`interpolate_pos_encoding` compares the kept count with the table size), a slight shift
     the fine-tuning model does not see; tests/test_itpn_model.py reproduces that for parity.
+
+    `remat` (none | full | dots) rematerializes every block (models/remat.py).
     """
 
     def __init__(
@@ -199,6 +202,7 @@ class HiViT(nnx.Module):
         ape_init: str = "sincos",
         rpe: bool = False,
         dtype: jnp.dtype = jnp.float32,
+        remat: str = "none",
         rngs: nnx.Rngs,
     ):
         if img_size % patch_size or patch_size % INNER_PATCHES:
@@ -210,6 +214,7 @@ class HiViT(nnx.Module):
             raise ValueError(f"embed_dim={embed_dim} must divide by 4 and num_heads={num_heads}")
         if ape_init not in ("sincos", "trunc_normal"):
             raise ValueError(f"ape_init must be 'sincos' or 'trunc_normal', got {ape_init!r}")
+        self.remat = remat_lib.check(remat)
         self.patch_size = patch_size
         self.grid = img_size // patch_size
         self.num_patches = self.grid**2
@@ -306,14 +311,14 @@ class HiViT(nnx.Module):
                 features.append(x)
                 x = layers.constrain_batch(block(x))
             else:
-                x = block(x, rngs=rngs)
+                x = remat_lib.call(self.remat, Block.__call__, block, x, None, rngs)
         x = x[:, :, 0, 0]
         if self.absolute_pos_embed is not None:
             pos = self.absolute_pos_embed[...].astype(x.dtype)
             x = x + (pos[None] if ids_keep is None else pos[ids_keep])
         rpe_index = self.position_bias_index(ids_keep, x.shape[0])
         for block in self.blocks[num_bridge:]:
-            x = block(x, rpe_index, rngs)
+            x = remat_lib.call(self.remat, Block.__call__, block, x, rpe_index, rngs)
         return features[0], features[1], x
 
 

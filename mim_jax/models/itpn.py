@@ -25,6 +25,7 @@ from flax import nnx
 
 from mim_jax import convert
 from mim_jax.models import hivit, layers
+from mim_jax.models import remat as remat_lib
 
 Pyramid = tuple[jax.Array, jax.Array, jax.Array]
 
@@ -60,7 +61,7 @@ class FeaturePyramid(nnx.Module):
 
     P16 = align(stage 3); P8 = blocks(split(stage 3) + align(stage 2));
     P4 = blocks(split(P8) + align(stage 1)); each output then passes one more MLP block
-    (`fpn_modules[i]`).
+    (`fpn_modules[i]`). `remat` rematerializes every block (models/remat.py).
     """
 
     def __init__(
@@ -73,7 +74,9 @@ class FeaturePyramid(nnx.Module):
         mlp_ratio: float = 4.0,
         eps: float = 1e-6,
         dtype=jnp.float32,
+        remat: str = "none",
     ):
+        self.remat = remat_lib.check(remat)
         c1, c2, c3 = dims
         kw = dict(rngs=rngs, eps=eps, dtype=dtype)
 
@@ -104,11 +107,16 @@ class FeaturePyramid(nnx.Module):
         p16 = x if self.align_dim_16tofpn is None else self.align_dim_16tofpn(x)
         p8 = self.split_16to8(x) + self.align_dim_16to8(stage2)
         for block in self.block_16to8:
-            p8 = block(p8)
+            p8 = self._block(block, p8)
         p4 = self.split_8to4(p8) + self.align_dim_8to4(stage1)
         for block in self.block_8to4:
-            p4 = block(p4)
-        return tuple(m(p) for m, p in zip(self.fpn_modules, (p16, p8, p4), strict=True))
+            p4 = self._block(block, p4)
+        return tuple(
+            self._block(m, p) for m, p in zip(self.fpn_modules, (p16, p8, p4), strict=True)
+        )
+
+    def _block(self, block: hivit.Block, x: jax.Array) -> jax.Array:
+        return remat_lib.call(self.remat, hivit.Block.__call__, block, x)
 
 
 class DecoderEmbed(nnx.Module):
@@ -156,7 +164,9 @@ class iTPNPixelModel(nnx.Module):  # noqa: N801 (the paper's spelling)
     Decoder input: each level's `decoder_embed` output placed at its patches with
     `mask_token` elsewhere; x = P16 level + fixed 2-D sin-cos position + P8 level + P4 level
     (masked slots get 3 mask tokens); `decoder_depth` attention blocks (no bias table),
-    `decoder_norm`, `decoder_pred` Linear(D -> patch_size**2 * in_chans).
+    `decoder_norm`, `decoder_pred` Linear(D -> patch_size**2 * in_chans). `remat` (none | full
+    | dots) rematerializes every pyramid and decoder block (models/remat.py; the encoder has
+    its own).
     """
 
     def __init__(
@@ -172,16 +182,18 @@ class iTPNPixelModel(nnx.Module):  # noqa: N801 (the paper's spelling)
         in_chans: int = 3,
         norm_eps: float = 1e-6,
         dtype=jnp.float32,
+        remat: str = "none",
         rngs: nnx.Rngs,
     ):
         if decoder_dim % 16:
             raise ValueError(f"decoder_dim={decoder_dim} must divide by 16 (4x4 P4 tokens)")
         self.encoder = encoder
+        self.remat = remat_lib.check(remat)
         self.patch_size = encoder.patch_size
         self.num_patches = encoder.num_patches
         kw = dict(rngs=rngs, eps=norm_eps, dtype=dtype)
         self.pyramid = FeaturePyramid(
-            encoder.dims, fpn_dim, fpn_depth=fpn_depth, mlp_ratio=mlp_ratio, **kw
+            encoder.dims, fpn_dim, fpn_depth=fpn_depth, mlp_ratio=mlp_ratio, remat=remat, **kw
         )
         self.decoder_embed = nnx.List(
             [DecoderEmbed(fpn_dim, decoder_dim // k**2, **kw) for k in (1, 2, 4)]
@@ -214,7 +226,7 @@ class iTPNPixelModel(nnx.Module):  # noqa: N801 (the paper's spelling)
             x = x + level
         x = layers.constrain_batch(x)
         for block in self.decoder_blocks:
-            x = block(x)
+            x = remat_lib.call(self.remat, hivit.Block.__call__, block, x)
         return self.decoder_norm(x)
 
     def __call__(

@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from mim_jax.models import layers, pos_resize
+from mim_jax.models import remat as remat_lib
 
 
 def stage_window(resolution: int, window_size: int, shift: bool) -> tuple[int, int]:
@@ -187,7 +188,9 @@ class SwinStage(nnx.Module):
         qkv_bias: bool = True,
         eps: float = 1e-5,
         dtype: jnp.dtype = jnp.float32,
+        remat: str = "none",
     ):
+        self.remat = remat_lib.check(remat)
         self.blocks = nnx.List(
             [
                 SwinBlock(
@@ -212,7 +215,7 @@ class SwinStage(nnx.Module):
 
     def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
         for block in self.blocks:
-            x = block(x, rngs)
+            x = remat_lib.call(self.remat, SwinBlock.__call__, block, x, rngs)
         return self.downsample(x) if self.downsample is not None else x
 
 
@@ -221,6 +224,7 @@ class SwinTransformer(nnx.Module):
 
     With `use_mask_token`, patch embeddings at masked positions (mask `[batch, H/p, W/p]`,
     1 = masked) are replaced by a learned token after the patch-embed LayerNorm (SPEC 1.3).
+    `remat` (none | full | dots) rematerializes every block (models/remat.py).
     """
 
     def __init__(
@@ -239,8 +243,10 @@ class SwinTransformer(nnx.Module):
         norm_eps: float = 1e-5,
         use_mask_token: bool = False,
         dtype: jnp.dtype = jnp.float32,
+        remat: str = "none",
         rngs: nnx.Rngs,
     ):
+        self.remat = remat_lib.check(remat)
         self.patch_size = patch_size
         self.num_features = embed_dim * 2 ** (len(depths) - 1)
         self.stride = patch_size * 2 ** (len(depths) - 1)
@@ -269,6 +275,7 @@ class SwinTransformer(nnx.Module):
                     qkv_bias=qkv_bias,
                     eps=norm_eps,
                     dtype=dtype,
+                    remat=remat,
                 )
                 for i in range(len(depths))
             ]

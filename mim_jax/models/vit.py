@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from mim_jax.models import layers, pos_resize
+from mim_jax.models import remat as remat_lib
 
 
 def num_relative_distances(height: int, width: int) -> int:
@@ -182,6 +183,7 @@ class VisionTransformer(nnx.Module):
     cls token is prepended and before any absolute position embedding (SPEC 1.3). The output
     drops the cls token and follows the final LayerNorm (none with `use_mean_pooling`, where
     the official model's `norm` is Identity and the classifier's `fc_norm` follows the mean).
+    `remat` (none | full | dots) rematerializes every block (models/remat.py).
 
     Init (official `_init_weights` + `fix_init_weight`): Linear/Conv weights, `cls_token`,
     `pos_embed` and `mask_token` truncated normal std 0.02, biases 0, LayerNorm (1, 0),
@@ -213,12 +215,14 @@ class VisionTransformer(nnx.Module):
         use_mean_pooling: bool = False,
         trunc_bound: float | None = None,
         dtype: jnp.dtype = jnp.float32,
+        remat: str = "none",
         rngs: nnx.Rngs,
     ):
         if img_size % patch_size:
             raise ValueError(f"img_size={img_size} is not divisible by patch_size={patch_size}")
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}")
+        self.remat = remat_lib.check(remat)
         self.patch_size = patch_size
         self.stride = patch_size
         self.num_features = embed_dim
@@ -303,7 +307,7 @@ class VisionTransformer(nnx.Module):
         x = layers.constrain_batch(x)
         rel_pos_bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
         for block in self.blocks:
-            x = block(x, rel_pos_bias, rngs)
+            x = remat_lib.call(self.remat, Block.__call__, block, x, rel_pos_bias, rngs)
         return x
 
     def __call__(
