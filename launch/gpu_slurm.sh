@@ -5,6 +5,7 @@
 #SBATCH --gpus-per-node=8
 #SBATCH --time=24:00:00
 #SBATCH --output=mim_jax-%j.out
+#SBATCH --signal=USR1@120
 #
 # Runs mim_jax on a SLURM GPU allocation: srun starts one process per node, which uses all of the
 # node's GPUs.
@@ -19,11 +20,13 @@
 # srun sets (mim_jax/distributed.py): coordinator = first node of the step, port from the job id
 # (JAX_COORDINATOR_PORT overrides it); one task per node sees every GPU, one task per GPU sees its
 # own. PYTHON=... picks the interpreter (default: python). --workdir must be on a shared disk.
+# SIGUSR1 two minutes before the time limit makes the run save a checkpoint and exit 0
+# (docs/reliability.md); add --requeue to continue in a new allocation.
 set -euo pipefail
 
 usage() {
   echo "usage:" >&2
-  sed -n '12,15p' "$0" | sed 's/^#//' >&2
+  sed -n '13,16p' "$0" | sed 's/^#//' >&2
   exit 2
 }
 

@@ -7,6 +7,7 @@ mismatching parameters instead of orbax's traceback.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -17,6 +18,10 @@ from mim_jax.pytree import flatten
 
 class CheckpointMismatchError(ValueError):
     """The checkpoint on disk does not fit the model built from the config."""
+
+
+class CheckpointSaveError(OSError):
+    """A checkpoint could not be written (disk full, permission denied); older ones are kept."""
 
 
 class Checkpointer:
@@ -60,9 +65,37 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state) -> None:
-        """Starts saving `state` at `step` (async; committed atomically when done)."""
-        self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
+        """Starts saving `state` at `step` (async; committed atomically when done).
+
+        A failed write (of this save or of the previous async one) raises CheckpointSaveError;
+        the checkpoints already committed stay (orbax deletes old ones only after a commit).
+        """
+        with self._write_errors(step):
+            self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
         logging.info("saving checkpoint for step %d to %s", step, self.directory)
+
+    def wait(self) -> None:
+        """Blocks until pending saves are committed; CheckpointSaveError if one failed."""
+        with self._write_errors(None):
+            self.manager.wait_until_finished()
+
+    @contextlib.contextmanager
+    def _write_errors(self, step: int | None):
+        try:
+            yield
+        except OSError as e:
+            what = "a checkpoint" if step is None else f"checkpoint step {step}"
+            raise CheckpointSaveError(
+                f"cannot write {what} to {self.directory}: {e}; {self.describe_latest(step)}"
+            ) from e
+
+    def describe_latest(self, exclude: int | None = None) -> str:
+        """'the last good checkpoint is step N in DIR' (or that there is none yet), leaving
+        out step `exclude` (a save that failed)."""
+        steps = [s for s in self.manager.all_steps() if s != exclude]
+        if not steps:
+            return f"no checkpoint in {self.directory} yet"
+        return f"the last good checkpoint is step {max(steps)} in {self.directory}"
 
     def best_value(self) -> float | None:
         """The best `best_metric` value saved so far (it survives restarts), or None."""
@@ -125,4 +158,5 @@ class Checkpointer:
 
     def close(self) -> None:
         """Waits for pending saves and releases the manager."""
-        self.manager.close()
+        with self._write_errors(None):
+            self.manager.close()

@@ -14,6 +14,7 @@ from mim_jax.config_lib import ConfigError
 MODES = ("pretrain", "finetune", "evaluate")
 EVAL_KINDS = ("top1", "knn", "linear_probe")
 REMAT = ("none", "full", "dots")
+NONFINITE = ("stop", "skip")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -85,6 +86,12 @@ def _check_common(c: ml_collections.ConfigDict) -> None:
         "config.*_every_steps must be > 0",
     )
     _check(c.profile_steps >= 0, f"config.profile_steps={c.profile_steps} must be >= 0")
+    _one_of(c.nonfinite, NONFINITE, "nonfinite")
+    _check(c.max_skipped_steps >= 1, f"config.max_skipped_steps={c.max_skipped_steps} must be >= 1")
+    _check(
+        0 <= c.data.max_bad_fraction <= 1,
+        f"config.data.max_bad_fraction={c.data.max_bad_fraction} must be in [0, 1]",
+    )
     e = c.eval
     _check(e.batch_size > 0, f"config.eval.batch_size={e.batch_size} must be > 0")
     _check(

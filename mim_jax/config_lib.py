@@ -68,6 +68,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.std = IMAGENET_STD
     c.data.num_workers = 8  # grain worker processes per host; 0 = in-process.
     c.data.prefetch = 2  # Per worker: batches prefetched and reader threads (0 = synchronous).
+    # Unreadable images are replaced (deterministically) and counted; the run stops when the
+    # distinct bad files exceed this fraction of the examples read so far.
+    c.data.max_bad_fraction = 0.001
 
     c.optim = ml_collections.ConfigDict()
     c.optim.base_lr = 2e-4
@@ -107,6 +110,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.image_every_steps = 1000  # Reconstruction grid to TensorBoard and workdir.
     c.num_images = 8
     c.profile_steps = 0  # > 0: a jax profiler trace of this many steps (from step 10) in workdir.
+    # A non-finite loss or gradient: stop (name the step and the last good checkpoint) or skip
+    # (the update is not applied; `max_skipped_steps` skipped steps in a row stop the run).
+    c.nonfinite = "stop"
+    c.max_skipped_steps = 10
+    c.poison_loss_step = -1  # Tests: >= 0 makes the loss (and gradients) NaN at that step.
 
     # Frozen-feature evaluation (mim_jax.evaluate): the kNN monitor during pretraining and the
     # evaluation jobs read the labeled config.data.split (bank) and val_split (queries).

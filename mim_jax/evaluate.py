@@ -188,7 +188,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """The evaluation job of `config.eval.kind` (module docstring); returns its metrics."""
     config_checks.validate(config)
     mesh = sharding.make_mesh(config.mesh)
-    sharding.log_mesh(mesh)
     shards = sharding.batch_shards(mesh)
     if config.eval.batch_size % shards:
         raise ConfigError(
@@ -196,6 +195,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             f"{shards}"
         )
     num_classes = config.num_classes or data_input.num_classes(config)
+    if config.init_from:  # A wrong path fails before anything is compiled.
+        init_from.resolve(config.init_from)
+    sharding.log_mesh(mesh)
     rngs = lambda: nnx.Rngs(params=config.seed)
     if config.eval.kind == "top1":
         model_fn = lambda: classification.build_classifier(config, num_classes, rngs())

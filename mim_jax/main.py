@@ -10,37 +10,45 @@ r"""mim_jax entry point.
 
 `config.mode` picks the job: pretrain and finetune run the train loop (running the same
 command again resumes from the newest checkpoint in --workdir), evaluate restores and measures.
+
+A bad command line or config fails at once, before the run's libraries load (jax, TensorFlow,
+orbax, grain: seconds), with one line: `mim_jax: error: <message>`.
 """
 
 from __future__ import annotations
 
-import logging as pylogging
-import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
-import jax
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from mim_jax import checkpoint, config_lib, convert, distributed, evaluate, train
-from mim_jax.data import sources
+from mim_jax import cli, config_checks, config_lib
 
+PROGRAM = "mim_jax"
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally with ':variant[,key=value...]'.", lock_config=True
 )
 flags.DEFINE_string("workdir", None, "Where checkpoints, TensorBoard events and images go.")
-flags.mark_flags_as_required(["config", "workdir"])
 
-# Errors whose message is the whole story: shown as one line, without a traceback.
-USER_ERRORS = (
-    config_lib.ConfigError,
-    sources.DataError,
-    checkpoint.CheckpointMismatchError,
-    convert.ConversionError,
-    train.NonFiniteLossError,
-)
+
+def load_libraries() -> None:
+    """Imports what a run needs (seconds), which also defines the libraries' own flags (e.g.
+    --grain_py_debug_mode); `cli.run` calls it first when the command line names one."""
+    from mim_jax import evaluate, train  # noqa: F401
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """Errors whose message is the whole story: shown as one line, without a traceback."""
+    from mim_jax import checkpoint, convert, nonfinite
+    from mim_jax.data import sources
+
+    return (
+        config_lib.ConfigError,
+        sources.DataError,
+        checkpoint.CheckpointMismatchError,
+        checkpoint.CheckpointSaveError,
+        convert.ConversionError,
+        nonfinite.NonFiniteLossError,
+    )
 
 
 def _hide_accelerators_from_tensorflow() -> None:
@@ -50,18 +58,17 @@ def _hide_accelerators_from_tensorflow() -> None:
     tf.config.set_visible_devices([], "GPU")
 
 
-class _QuietOrbax(pylogging.Filter):
-    """Drops orbax's per-save INFO chatter; its warnings and errors still show."""
-
-    def filter(self, record: pylogging.LogRecord) -> bool:
-        return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
-
-
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    logging.get_absl_handler().addFilter(_QuietOrbax())
+    del argv  # `cli.run` has rejected positional arguments.
     config = FLAGS.config
+    try:
+        config_checks.validate(config)  # At once: the libraries below take seconds to load.
+    except config_lib.ConfigError as e:
+        cli.fail(PROGRAM, str(e))
+    import jax
+
+    from mim_jax import distributed, evaluate, train
+
     try:
         distributed.initialize_distributed()
         if jax.process_index() != 0:  # One host reports progress; the others only warn.
@@ -71,10 +78,9 @@ def main(argv: list[str]) -> None:
             evaluate.run(config, FLAGS.workdir)
         else:
             train.train(config, FLAGS.workdir)
-    except USER_ERRORS as e:
-        logging.error("%s", e)
-        raise SystemExit(f"mim_jax: error: {e}") from None
+    except user_errors() as e:
+        cli.fail(PROGRAM, str(e))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, PROGRAM, required=("config", "workdir"), load_libraries=load_libraries)

@@ -36,12 +36,13 @@ import time
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 from jax._src import cloud_tpu_init, xla_bridge
 from jax.experimental import topologies
 from ml_collections import config_flags
 
-from mim_jax import config_checks, config_lib, sharding, train
+from mim_jax import cli, config_checks, config_lib, sharding, train
+from mim_jax.models import backward
 
 GIB = 1 << 30
 TPU_INSTALL = f'pip install "jax[tpu]=={jax.__version__}"'
@@ -306,6 +307,7 @@ def plan(
         **_costs(compiled),
         "collective_bytes": collective_bytes(compiled.as_text()),
         "compile_s": round(compile_s, 1),
+        "autodiff": sorted(backward.autodiff_names()),
         "jax": jax.__version__,
         "note": note,
     }
@@ -351,6 +353,7 @@ def format_table(record: dict) -> str:
 
 
 FLAGS = flags.FLAGS
+PROGRAM = "mim_jax.plan"
 
 
 def define_flags() -> None:
@@ -364,7 +367,12 @@ def define_flags() -> None:
     flags.DEFINE_enum("backend", "auto", ["auto", "tpu", "cpu"], "auto: libtpu if installed.")
     flags.DEFINE_float("hbm_gib", 0.0, "HBM per chip in GiB; 0 = the generation's.")
     flags.DEFINE_integer("num_examples", 1_281_167, "Data set size for the lr schedule.")
-    flags.mark_flags_as_required(["config", "topology"])
+    flags.DEFINE_list(
+        "autodiff",
+        [],
+        "Hand-written backwards to replace by autodiff (mim_jax/models/backward.py): 'all' or "
+        "function names, to plan what they save.",
+    )
 
 
 def _label() -> str:
@@ -375,11 +383,12 @@ def _label() -> str:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    del argv  # `cli.run` has rejected positional arguments.
     config = FLAGS.config
     if FLAGS.batch > 0:
         config.batch_size = FLAGS.batch
+    if FLAGS.autodiff:
+        os.environ[backward.ENV] = ",".join(FLAGS.autodiff)
     try:
         record = plan(
             config,
@@ -390,11 +399,11 @@ def main(argv: list[str]) -> None:
             label=_label(),
         )
     except config_lib.ConfigError as e:
-        raise SystemExit(f"mim_jax.plan: error: {e}") from None
+        cli.fail(PROGRAM, str(e))
     print(json.dumps(record), flush=True)
     print(format_table(record), file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main, PROGRAM, required=("config", "topology"))

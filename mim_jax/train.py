@@ -28,12 +28,22 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from flax import nnx
 
-from mim_jax import checkpoint, config_checks, evaluate, init_from, optim, sharding, writers
+from mim_jax import (
+    checkpoint,
+    config_checks,
+    evaluate,
+    init_from,
+    nonfinite,
+    optim,
+    sharding,
+    stop_signal,
+    writers,
+)
 from mim_jax.accumulate import mean_over_micro_batches
+from mim_jax.data import bad_examples, sources
 from mim_jax.data import input as data_input
 from mim_jax.methods import get_method
 
@@ -115,6 +125,8 @@ def make_train_step(
     dropout_key = jax.random.key(config.seed + 1)
     accum = config.get("accum_steps", 1)
     group_keys = tuple(getattr(method, "GROUP_KEYS", ()))
+    skip_nonfinite = config.get("nonfinite", "stop") == "skip"
+    poison_step = config.get("poison_loss_step", -1)
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
         step_key = jax.random.fold_in(dropout_key, state.step)
@@ -128,7 +140,8 @@ def make_train_step(
                 # Built inside the grad trace (NNX needs that): drop path, and in-step
                 # augmentation (fine-tuning's Mixup/CutMix) on a separate stream.
                 rngs = nnx.Rngs(dropout=key, augment=jax.random.fold_in(key, AUGMENT_STREAM))
-                return method.loss_fn(nnx.merge(graphdef, params), batch, rngs, **kwargs)
+                loss, aux = method.loss_fn(nnx.merge(graphdef, params), batch, rngs, **kwargs)
+                return nonfinite.poison(loss, state.step, poison_step), aux
 
             return jax.value_and_grad(compute_loss, has_aux=True)(params)
 
@@ -153,6 +166,12 @@ def make_train_step(
             "lr": schedule(state.step),
             **aux,
         }
+        if skip_nonfinite:  # mim_jax/nonfinite.py: a non-finite update is not applied.
+            ok = nonfinite.update_is_finite(loss, metrics["grad_norm"], metrics["param_norm"])
+            params, opt_state, teacher = nonfinite.keep_if(
+                ok, (params, opt_state, teacher), (state.params, state.opt_state, state.teacher)
+            )
+            metrics["skipped"] = (~ok).astype(jnp.int32)
         new_state = TrainState(
             step=state.step + 1, params=params, opt_state=opt_state, teacher=teacher
         )
@@ -273,22 +292,7 @@ def make_reconstruct_fn(s: Setup, num_images: int) -> Callable:
 
 
 # Host-side bookkeeping that the step does not consume.
-HOST_ONLY_KEYS = ("index",)
-
-
-class NonFiniteLossError(FloatingPointError):
-    """Loss, gradients or parameters became NaN/inf; no checkpoint is written after it."""
-
-
-def check_finite(history: list[tuple[int, dict[str, np.ndarray]]]) -> None:
-    """Raises with the first step whose loss, gradient norm or parameter norm is not finite."""
-    for step, metrics in history:
-        for key in ("loss", "grad_norm", "param_norm"):
-            if not np.isfinite(metrics[key]):
-                raise NonFiniteLossError(
-                    f"non-finite {key} ({metrics[key]}) at step {step}; stopping before any "
-                    "checkpoint of this state is written (the last good one is kept)"
-                )
+HOST_ONLY_KEYS = ("index", "bad_records")
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[int, dict[str, float]]:
@@ -299,13 +303,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[int, dict[str
     """
     config_checks.validate(config)
     mesh = sharding.make_mesh(config.mesh)
-    sharding.log_mesh(mesh)
     sharding.check_batch_size(config.batch_size, mesh)
     if config.mode == "finetune" and config.num_classes <= 0:
         config.num_classes = data_input.num_classes(config)
-    num_examples = data_input.dataset_size(config)
+    source = sources.make_source(config.data, config.data.split)
+    num_examples = len(source)
+    sharding.log_mesh(mesh)  # After the checks above: a bad config stays one line.
     s = setup(config, mesh, num_examples)
     with contextlib.ExitStack() as stack:
+        stop = stop_signal.StopSignal(mesh)  # Installed first, restored last (after saves).
+        stack.callback(stop.close)
         ckpt = checkpoint.Checkpointer(
             os.path.join(workdir, "checkpoints"),
             max_to_keep=config.keep_checkpoints,
@@ -336,23 +343,54 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[int, dict[str
             start_step=start_step,
             batch_transform=s.method.make_batch_transform(config, s.mesh),
             rows=sharding.host_batch_rows(s.mesh, config.batch_size),
+            source=source,
         )
         stack.callback(batches.close)
+        bad = bad_examples.BadExamples(
+            source.describe,
+            num_examples,
+            config.data.max_bad_fraction,
+            examples_read=start_step * config.batch_size,
+        )
+        bad.restore(workdir)
         periodic = evaluate.PeriodicEval(s, workdir)
         stack.callback(periodic.close)
-        return _loop(s, state, start_step, batches, ckpt, writer, periodic)
+        guard = nonfinite.Guard(config.nonfinite, config.max_skipped_steps, ckpt.describe_latest)
+        hooks = _Hooks(ckpt, writer, periodic, guard, stop, bad)
+        return _loop(s, state, start_step, batches, hooks)
+
+
+@dataclasses.dataclass
+class _Hooks:
+    """The host-side services one run's loop consults besides the step."""
+
+    ckpt: checkpoint.Checkpointer
+    writer: writers.Writer
+    periodic: evaluate.PeriodicEval
+    guard: nonfinite.Guard
+    stop: stop_signal.StopSignal
+    bad: bad_examples.BadExamples
+
+
+def _write_logs(h: _Hooks, done: int, pending: list) -> dict[str, float]:
+    """Fetches the interval's metrics, applies the non-finite policy, counts the unreadable
+    images (over all hosts: every process calls this at the same steps), writes the means."""
+    kept, skipped = h.guard.filter(jax.device_get(pending))
+    h.bad.sync()
+    h.bad.save(h.writer.workdir)
+    extra = {"bad_examples": float(h.bad.count)}
+    if h.guard.mode == "skip":
+        extra["skipped_steps"] = float(skipped)
+    logged = h.writer.write_metrics(done, kept, extra)
+    h.bad.check()
+    return logged
 
 
 def _loop(
-    s: Setup,
-    state: TrainState,
-    start_step: int,
-    batches,
-    ckpt: checkpoint.Checkpointer,
-    writer: writers.Writer,
-    periodic: evaluate.PeriodicEval,
+    s: Setup, state: TrainState, start_step: int, batches, h: _Hooks
 ) -> dict[int, dict[str, float]]:
-    """Steps from `start_step` to the end; returns the logged metrics by step."""
+    """Steps from `start_step` to the end (or to a stop signal); returns the logged metrics by
+    step."""
     config = s.config
     has_images = hasattr(s.method, "reconstruct")
     reconstruct = make_reconstruct_fn(s, config.num_images) if has_images else None
@@ -360,28 +398,36 @@ def _loop(
     logged: dict[int, dict[str, float]] = {}
     with jax.set_mesh(s.mesh):
         for step in range(start_step, s.total_steps):
-            host_batch = {k: v for k, v in next(batches).items() if k not in HOST_ONLY_KEYS}
-            batch = s.place_batch(host_batch)
+            host_batch = next(batches)
+            h.bad.update(host_batch)
+            batch = s.place_batch({k: v for k, v in host_batch.items() if k not in HOST_ONLY_KEYS})
             state, metrics = s.train_step(state, batch)
             done = step + 1
             pending.append((done, metrics))
-            writer.step_done(done)
+            h.writer.step_done(done)
             is_last = done == s.total_steps
-            preempted = ckpt.reached_preemption(done)
-            if done % config.log_every_steps == 0 or is_last or preempted:
-                fetched = jax.device_get(pending)
-                check_finite(fetched)
-                logged[done] = writer.write_metrics(done, [m for _, m in fetched])
+            stopping = h.ckpt.reached_preemption(done) or h.stop.should_stop(done)
+            if done % config.log_every_steps == 0 or is_last or stopping:
+                logged[done] = _write_logs(h, done, pending)
                 pending = []
             if has_images and (done % config.image_every_steps == 0 or is_last):
-                writer.write_reconstruction(done, jax.device_get(reconstruct(state.params, batch)))
-            results = periodic.maybe_run(done, state, is_last)
+                h.writer.write_reconstruction(
+                    done, jax.device_get(reconstruct(state.params, batch))
+                )
+            results = h.periodic.maybe_run(done, state, is_last)
             if results is not None:
-                writers.write_eval_results(writer.workdir, done, results, writer)
-            if done % config.checkpoint_every_steps == 0 or is_last or preempted:
-                check_finite(jax.device_get(pending))
-                ckpt.save(done, state)
-            if preempted:
-                logging.warning("preemption signalled: saved step %d, exiting", done)
+                writers.write_eval_results(h.writer.workdir, done, results, h.writer)
+            if done % config.checkpoint_every_steps == 0 or is_last or stopping:
+                if h.guard.mode == "stop":  # Under `skip` no non-finite state exists.
+                    h.guard.filter(jax.device_get(pending))
+                h.ckpt.save(done, state)
+            if stopping:
+                h.ckpt.wait()
+                logging.warning(
+                    "%s: saved checkpoint step %d to %s; exiting (run the same command to resume)",
+                    h.stop.name or "preemption",
+                    done,
+                    h.ckpt.directory,
+                )
                 break
     return logged

@@ -17,6 +17,7 @@ from flax import nnx
 from PIL import Image
 
 GRID_COLUMNS = ("input", "masked", "prediction", "pasted")
+COUNTS = ("skipped_steps", "bad_examples")  # Shown in the progress line when non-zero.
 GAP = 2
 
 
@@ -86,11 +87,18 @@ class Writer:
         )
         parameter_overview.log_parameter_overview(pure, include_stats=False)
 
-    def write_metrics(self, step: int, history: list[dict[str, np.ndarray]]) -> dict[str, float]:
-        """Averages the interval's per-step metrics, writes them, logs a progress line."""
+    def write_metrics(
+        self,
+        step: int,
+        history: list[dict[str, np.ndarray]],
+        extra: dict[str, float] | None = None,
+    ) -> dict[str, float]:
+        """Averages the interval's per-step metrics, adds `extra` (counts such as
+        `skipped_steps`), writes them and logs a progress line. `history` may be empty (every
+        step of the interval skipped)."""
         now = time.perf_counter()
-        steps = len(history)
-        means = {k: float(np.mean([m[k] for m in history])) for k in history[0]}
+        means = {k: float(np.mean([m[k] for m in history])) for k in (history or [{}])[0]}
+        means.update(extra or {})
         if self._last_step is not None:
             dt = max(now - self._last_time, 1e-9)
             steps_per_s = (step - self._last_step) / dt
@@ -99,18 +107,25 @@ class Writer:
             eta = (self.total_steps - step) / max(steps_per_s, 1e-9)
             rate = f"{means['img_per_sec']:.1f} img/s, ETA {_hms(eta)}"
         else:
-            rate = f"first {steps} steps incl. compilation {now - self._last_time:.1f}s"
+            rate = f"first {len(history)} steps incl. compilation {now - self._last_time:.1f}s"
         self._last_time, self._last_step = now, step
         self.writer.write_scalars(step, means)
-        logging.info(
-            "step %d/%d  loss %.5f  lr %.3g  grad_norm %.3g  %s",
-            step,
-            self.total_steps,
-            means["loss"],
-            means["lr"],
-            means["grad_norm"],
-            rate,
-        )
+        counts = "".join(f"  {k} {means[k]:g}" for k in COUNTS if means.get(k))
+        if history:
+            logging.info(
+                "step %d/%d  loss %.5f  lr %.3g  grad_norm %.3g%s  %s",
+                step,
+                self.total_steps,
+                means["loss"],
+                means["lr"],
+                means["grad_norm"],
+                counts,
+                rate,
+            )
+        else:
+            logging.warning(
+                "step %d/%d  no update applied in this interval%s", step, self.total_steps, counts
+            )
         return means
 
     def write_reconstruction(self, step: int, images: dict[str, np.ndarray]) -> None:

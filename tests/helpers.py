@@ -53,3 +53,12 @@ def tiny_greenmim_config(**overrides) -> ml_collections.ConfigDict:
     c.mask.update(patch_size=8, group_size=(0, 0), num_groups=(0, 0))
     c.decoder.update(embed_dim=16, num_heads=2)
     return _tiny_run(c, overrides)
+
+
+def tiny_itpn_config(**overrides) -> ml_collections.ConfigDict:
+    """iTPN with the EMA teacher on a one-block HiViT (16-d) and a one-block decoder, 32 px."""
+    c = load_config("itpn", "quickstart")
+    c.model.update(img_size=32, embed_dim=16, mlp_depth=1, depth=1, num_heads=2, fpn_dim=16)
+    c.decoder.update(embed_dim=16, depth=1, num_heads=2)
+    c.mask.ratio = 0.5
+    return _tiny_run(c, overrides)

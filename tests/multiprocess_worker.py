@@ -5,7 +5,7 @@ positions this host read, its pid and process index.
 
   python tests/multiprocess_worker.py --method=simmim --workdir=... --out=... \
       [--process_id=0 --num_processes=2 --port=PORT] [--mesh=8,1,1] [--dcn=2]
-      [--order=interleaved] [--groups=2] [--steps=4]
+      [--order=interleaved] [--groups=2] [--steps=4] [--sigterm_at=STEP]
 
 `--order=interleaved` builds the mesh over the devices of both processes alternately (not
 host-major, as TPU meshes from `jax.make_mesh` often are).
@@ -16,6 +16,7 @@ import functools
 import json
 import os
 import pathlib
+import signal
 import sys
 
 import jax
@@ -25,7 +26,7 @@ sys.path[:0] = [str(pathlib.Path(__file__).parent), str(pathlib.Path(__file__).p
 
 
 def _config(method: str, args: argparse.Namespace):
-    from helpers import load_config, tiny_greenmim_config, tiny_simmim_config
+    from helpers import tiny_greenmim_config, tiny_itpn_config, tiny_simmim_config
 
     if method == "simmim":
         c = tiny_simmim_config()
@@ -33,13 +34,7 @@ def _config(method: str, args: argparse.Namespace):
         c = tiny_greenmim_config()
         c.mask.groups = args.groups
     else:
-        c = load_config("itpn", "quickstart")
-        c.model.update(img_size=32, embed_dim=16, mlp_depth=1, depth=1, num_heads=2, fpn_dim=16)
-        c.decoder.update(embed_dim=16, depth=1, num_heads=2)
-        c.mask.ratio = 0.5
-        c.batch_size = 16
-        c.data.update(num_workers=0, prefetch=0, num_examples=64)
-        c.update(async_checkpointing=False, log_every_steps=1, num_images=2)
+        c = tiny_itpn_config()
     data, fsdp, tensor = (int(v) for v in args.mesh.split(","))
     c.mesh.update(data=data, fsdp=fsdp, tensor=tensor, dcn_data=args.dcn)
     c.update(total_steps=args.steps, checkpoint_every_steps=args.checkpoint_every)
@@ -68,6 +63,7 @@ def main() -> None:
     parser.add_argument("--groups", type=int, default=0)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--checkpoint_every", type=int, default=1000)
+    parser.add_argument("--sigterm_at", type=int, default=0, help="Process 0 only: SIGTERM itself.")
     args = parser.parse_args()
     if args.num_processes > 1:
         jax.distributed.initialize(
@@ -94,6 +90,8 @@ def main() -> None:
             def __next__(self):
                 batch = next(inner)
                 seen.extend(int(i) for i in batch["index"])
+                if len(seen) == args.sigterm_at * len(batch["index"]) and jax.process_index() == 0:
+                    os.kill(os.getpid(), signal.SIGTERM)
                 return batch
 
             def close(self):

@@ -270,9 +270,10 @@ def test_folder_errors(tmp_path):
     bad = tmp_path / "bad"
     _write_image(bad / "good.png", seed=0)
     (bad / "broken.jpg").write_bytes(b"\xff\xd8 definitely not a jpeg")
-    it = input_lib.make_pretrain_iterator(_config(source="folder", folder=str(bad)))
-    with pytest.raises(input_lib.DataError, match=r"cannot decode image .*broken\.jpg"):
-        next(it)
+    with pytest.raises(sources.BadImageError, match=r"cannot decode image .*broken\.jpg"):
+        sources.FolderSource(str(bad)).read(0)
+    batch = next(input_lib.make_pretrain_iterator(_config(source="folder", folder=str(bad))))
+    assert set(batch["bad_records"].ravel()) == {-1, 0}  # Replaced, not a stop.
 
 
 def test_bundled_photos_are_rgb_and_labelled_by_photo():

@@ -240,14 +240,17 @@ def test_slurm_runs_srun_inside_a_job_only(env):
 
 
 def test_slurm_header_is_read_by_sbatch():
-    """#SBATCH lines precede the first command (sbatch stops there) and ask one task per node."""
+    """#SBATCH lines precede the first command (sbatch stops there), ask one task per node and
+    a SIGUSR1 before the time limit."""
     lines = Path(SLURM).read_text().splitlines()
     first_command = next(i for i, s in enumerate(lines[1:], 1) if s and not s.startswith("#"))
     header = [s.split()[1] for s in lines[:first_command] if s.startswith("#SBATCH")]
     assert [h.split("=")[0] for h in header] == [
         "--job-name", "--nodes", "--ntasks-per-node", "--gpus-per-node", "--time", "--output",
+        "--signal",
     ]  # fmt: skip
     assert "--ntasks-per-node=1" in header
+    assert "--signal=USR1@120" in header  # The run saves and exits 0 before the time limit.
 
 
 def test_shellcheck():

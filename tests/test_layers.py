@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mim_jax.models import layers
+from mim_jax.models import backward, layers
 
 
 def _value_and_grads(fn, *args):
@@ -225,3 +225,30 @@ def test_drop_path_is_identity_without_rngs_or_rate():
     x = jax.random.normal(jax.random.key(0), (6, 4, 3))
     np.testing.assert_array_equal(layers.drop_path(x, 0.0, nnx.Rngs(dropout=0)), x)
     np.testing.assert_array_equal(layers.drop_path(x, 0.5, None), x)
+
+
+def test_autodiff_switch_replaces_the_hand_written_backwards(monkeypatch):
+    """MIM_JAX_AUTODIFF=all: no custom_vjp in the trace, the same gradient values."""
+    x = jax.random.normal(jax.random.key(0), (4, 16))
+    scale, bias = jnp.full(16, 1.3), jnp.full(16, 0.1)
+    kernel = jax.random.normal(jax.random.key(1), (16, 16)) * 0.1
+
+    def loss(x, scale, bias, kernel):
+        y = layers.layer_norm(x, scale, bias, 1e-5, jnp.float32)
+        h = layers.gelu(layers.linear(y, kernel, bias, jnp.float32))
+        return jnp.sum(layers.softmax(h) * x)
+
+    def traced():  # A fresh function each time: jax caches traces by function.
+        fresh = lambda *args: loss(*args)
+        grad = jax.grad(fresh, argnums=(0, 1, 2, 3))(x, scale, bias, kernel)
+        return str(jax.make_jaxpr(fresh)(x, scale, bias, kernel)), grad
+
+    text, custom = traced()
+    assert text.count("custom_vjp_call[") == 4
+    monkeypatch.setenv(backward.ENV, "all")
+    text, autodiff = traced()
+    assert "custom_vjp_call" not in text
+    for a, b in zip(custom, autodiff, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    monkeypatch.setenv(backward.ENV, "gelu,softmax")  # Only the named ones.
+    assert traced()[0].count("custom_vjp_call[") == 2

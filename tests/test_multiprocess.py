@@ -2,7 +2,8 @@
 devices: SimMIM, GreenMIM with replicated mask-group plans on a mesh that is not host-major,
 iTPN (EMA teacher) with the `tensor` axis spanning the processes, and a multi-slice (DCN) data
 axis. A 2-process checkpoint continues identically in 1 process; every host reads only its
-own rows; only process 0 writes files. Each run is `tests/multiprocess_worker.py`."""
+own rows; only process 0 writes files; a SIGTERM that reaches one host stops every host at
+one step. Each run is `tests/multiprocess_worker.py`."""
 
 import glob
 import json
@@ -118,3 +119,15 @@ def test_multi_slice_data_axis_over_processes(tmp_path):
     one = _launch(tmp_path, "one", processes=1, method="simmim", mesh="8,1,1", steps=3)
     two = _launch(tmp_path, "two", processes=2, method="simmim", mesh="8,1,1", dcn=2, steps=3)
     _assert_same_training(one[0], two)
+
+
+def test_sigterm_on_one_host_stops_every_host_at_the_same_step(tmp_path):
+    """Only process 0 gets SIGTERM (at its 5th batch): both agree on a step, save it together
+    (one checkpoint, not a periodic one) and exit 0."""
+    two = _launch(
+        tmp_path, "two", processes=2, method="simmim", mesh="8,1,1", steps=12, sigterm_at=5
+    )
+    stopped = [max(int(s) for s in result["metrics"]) for result in two]
+    assert stopped[0] == stopped[1] and 5 <= stopped[0] < 12, stopped
+    saved = [n for n in os.listdir(tmp_path / "two" / "checkpoints") if n.isdigit()]
+    assert saved == [str(stopped[0])]

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 from helpers import load_config, tiny_simmim_config
 
-from mim_jax import checkpoint, evaluate, pytree, sharding, train
+from mim_jax import checkpoint, evaluate, nonfinite, pytree, sharding, train
 from mim_jax.data import input as data_input
 from mim_jax.methods import simmim
 
@@ -174,7 +174,7 @@ def test_non_finite_loss_never_reaches_a_checkpoint(tmp_path, monkeypatch):
         return Iterator()
 
     monkeypatch.setattr(data_input, "make_pretrain_iterator", poisoned)
-    with pytest.raises(train.NonFiniteLossError, match="at step 5"):
+    with pytest.raises(nonfinite.NonFiniteLossError, match="at step 5"):
         train.train(config, str(tmp_path))
     step, params = _restore_params(str(tmp_path), config)
     assert step == 4

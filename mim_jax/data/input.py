@@ -6,16 +6,21 @@ Training. Every example has a global position `p` (step * global_batch + slot). 
 augmentation draws come from `np.random.default_rng([seed, AUGMENT_STREAM, p])` (and random
 erasing's from `[seed, ERASE_STREAM, p]`). Both are pure functions of (config.seed, p), so
 batches do not depend on the worker count, the host count or the iteration history, and
-`start_step` resumes exactly. Each host reads and decodes only the records of its own rows of
-every global batch: the rows its devices hold under the batch sharding
-(`sharding.host_batch_rows`), so the host-local arrays land where the mesh puts them whatever
-the device order. The augmentation follows
-`config.mode`: pretraining crops and flips (SPEC 1.2, 2.8); fine-tuning adds RandAugment or
-colour jitter and random erasing (SPEC 1.8).
+`start_step` resumes exactly. An unreadable record (`sources.BadImageError`) is replaced by
+record `replacement_record(seed, p, attempt, N)` for attempts 0, 1, ... (at most
+`MAX_REPLACEMENTS`), again a pure function of (config.seed, p), so a resume sees the same
+replacements; the example keeps position p's augmentation draws and lists the unreadable
+records it hit in 'bad_records' (counted by mim_jax.data.bad_examples). Each host reads and
+decodes only the records of its own rows of every global batch: the rows its devices hold
+under the batch sharding (`sharding.host_batch_rows`), so the host-local arrays land where the
+mesh puts them whatever the device order. The augmentation follows `config.mode`: pretraining
+crops and flips (SPEC 1.2, 2.8); fine-tuning adds RandAugment or colour jitter and random
+erasing (SPEC 1.8).
 
 Evaluation. Global batch b holds the split's examples `[b * B, (b + 1) * B)` in record order
 (optionally an evenly spaced subset), resized and centre-cropped; the last batch is padded
-with blank images whose `valid` is False.
+with blank images whose `valid` is False. An unreadable image is such a blank invalid example
+too (excluded from every metric), with one warning per file and process.
 
 grain runs the pipeline: a `MapDataset` over local example numbers -> read + augment ->
 batch -> normalize (+ the caller's `batch_transform`), optionally in worker processes.
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -33,6 +39,7 @@ import grain
 import jax
 import ml_collections
 import numpy as np
+from PIL import Image
 
 from mim_jax.data import augment, sources
 from mim_jax.data.sources import DataError
@@ -44,6 +51,12 @@ BatchTransform = Callable[[Batch, int], Batch]
 ORDER_STREAM = 0x0D0E
 AUGMENT_STREAM = 0xA06
 ERASE_STREAM = 0xE5A
+REPLACE_STREAM = 0x8E9
+# Replacement reads per training example before its position is given up (DataError); also
+# the length K of its 'bad_records'.
+MAX_REPLACEMENTS = 8
+# Unreadable evaluation images already warned about in this process.
+_WARNED: set[str] = set()
 
 
 def dataset_size(config: ml_collections.ConfigDict, split: str | None = None) -> int:
@@ -66,6 +79,13 @@ def num_classes(config: ml_collections.ConfigDict) -> int:
 def epoch_permutation(seed: int, epoch: int, size: int) -> np.ndarray:
     """Record order of `epoch`: int64 `[size]`, a pure function of its arguments."""
     return np.random.default_rng([seed, ORDER_STREAM, epoch]).permutation(size)
+
+
+def replacement_record(seed: int, position: int, attempt: int, size: int) -> int:
+    """Record read at `position` after `attempt + 1` unreadable ones: uniform over the `size`
+    records, a pure function of the arguments."""
+    rng = np.random.default_rng([seed, REPLACE_STREAM, position, attempt])
+    return int(rng.integers(size))
 
 
 def _train_augment(config: ml_collections.ConfigDict) -> functools.partial:
@@ -109,10 +129,31 @@ class _ReadExample:
         position = step * self._global_batch + int(self._rows[slot])
         epoch, in_epoch = divmod(position, len(self._source))
         record = int(epoch_permutation(self._seed, epoch, len(self._source))[in_epoch])
-        image, label = self._source.read(record)
+        image, label, bad = self._read(position, record)
         rng = np.random.default_rng([self._seed, AUGMENT_STREAM, position])
         pixels = self._augment(image, rng=rng)
-        return {"image": pixels, "label": np.int32(label), "index": np.int64(position)}
+        return {
+            "image": pixels,
+            "label": np.int32(label),
+            "index": np.int64(position),
+            "bad_records": np.array(bad + [-1] * (MAX_REPLACEMENTS - len(bad)), np.int64),
+        }
+
+    def _read(self, position: int, record: int) -> tuple[Image.Image, int, list[int]]:
+        """(image, label) of `record` or of its first readable replacement, and the
+        unreadable records read on the way; DataError after `MAX_REPLACEMENTS` replacements."""
+        bad = []
+        for attempt in range(MAX_REPLACEMENTS + 1):
+            try:
+                return (*self._source.read(record), bad)
+            except sources.BadImageError:
+                bad.append(record)
+            record = replacement_record(self._seed, position, attempt, len(self._source))
+        names = ", ".join(self._source.describe(r) for r in bad[:3])
+        raise DataError(
+            f"example {position}: its record and {MAX_REPLACEMENTS} replacements are all "
+            f"unreadable ({names}, ...): is config.data pointing at image data?"
+        )
 
 
 class _FinishBatch:
@@ -194,14 +235,17 @@ def make_pretrain_iterator(
     start_step: int = 0,
     batch_transform: BatchTransform | None = None,
     rows: Sequence[int] | None = None,
+    source: sources.Source | None = None,
 ) -> Iterator[Batch]:
     """Endless host-local training batches of `config.data.split`; the k-th one is for step
     `start_step + k` (pretraining and fine-tuning alike: the augmentation follows the mode).
 
     Each batch: 'image' float32 `[local_batch, H, W, 3]` (H = W = config.model.img_size,
     normalized with config.data.mean/std), 'label' int32 `[local_batch]` (-1 where the source
-    has none) and 'index' int64 `[local_batch]`, the global example position
-    `step * batch_size + rows[i]`, with `local_batch = len(rows)`.
+    has none), 'index' int64 `[local_batch]`, the global example position
+    `step * batch_size + rows[i]`, with `local_batch = len(rows)`, and 'bad_records' int64
+    `[local_batch, MAX_REPLACEMENTS]`, the unreadable records each example replaced, padded
+    with -1 (host-only, like 'index').
 
     Args:
       config: the full config (`mode`, `data`, `batch_size`, `seed`, `model.img_size`).
@@ -213,6 +257,8 @@ def make_pretrain_iterator(
       rows: the global batch rows this host feeds, in the order of its devices' shards
         (`sharding.host_batch_rows`); default: this process's block of a host-major layout
         (`host_rows(batch_size, jax.process_index(), jax.process_count())`).
+      source: the training split's source when the caller already built one (listing a
+        large folder once); default: built from `config.data`.
 
     Returns:
       A grain iterator; call `.close()` when done to stop worker processes early.
@@ -221,7 +267,8 @@ def make_pretrain_iterator(
     if start_step < 0:
         raise DataError(f"start_step={start_step} must be >= 0")
     d = config.data
-    source = sources.make_source(d, d.split)
+    if source is None:
+        source = sources.make_source(d, d.split)
     erase_prob = d.reprob if config.mode == "finetune" else 0.0
     finish = _FinishBatch(d.mean, d.std, batch_transform, seed=config.seed, erase_prob=erase_prob)
     ds = (
@@ -264,13 +311,24 @@ class _ReadEvalExample:
         batch, slot = divmod(local_example, len(self._rows))
         position = batch * self._global_batch + int(self._rows[slot])
         if position >= len(self._records):
-            blank = np.zeros((self._size, self._size, 3), np.uint8)
-            return {"image": blank, "label": np.int32(-1), "valid": np.bool_(False)}
-        image, label = self._source.read(int(self._records[position]))
+            return self._blank()
+        record = int(self._records[position])
+        try:
+            image, label = self._source.read(record)
+        except sources.BadImageError as e:
+            if self._source.describe(record) not in _WARNED:
+                _WARNED.add(self._source.describe(record))
+                logging.warning("evaluating without an unreadable image (valid=False): %s", e)
+            return self._blank()
         pixels = augment.eval_transform(
             image, size=self._size, crop_pct=self._crop_pct, interpolation=self._interpolation
         )
         return {"image": pixels, "label": np.int32(label), "valid": np.bool_(True)}
+
+    def _blank(self) -> Batch:
+        """A black example that no metric counts."""
+        blank = np.zeros((self._size, self._size, 3), np.uint8)
+        return {"image": blank, "label": np.int32(-1), "valid": np.bool_(False)}
 
 
 @dataclasses.dataclass

@@ -7,6 +7,12 @@ splits; a folder source reads `<folder>/<split>` (with `validation` and `val` ac
 each other), or the folder itself for the training split when it has no split sub-folders
 (pretraining on a plain image folder); the bundled photos hold out the bottom quarter of every
 photo for validation, so no pixel is shared between its splits.
+
+Decoding (`decode`) applies the EXIF orientation and turns every PIL mode into RGB; a file that
+cannot be decoded raises `BadImageError`, which the training pipeline answers by reading a
+replacement record and the evaluation pipeline by an invalid blank example
+(mim_jax.data.input). `describe(record)` names a record in messages: its file path, its TFDS
+`name[split] record r`, or its bundled photo.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import os
 
 import ml_collections
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from mim_jax.data import augment
 
@@ -37,20 +43,65 @@ BUNDLED_VAL_CROPS = 16  # Validation crops per photo, evenly spaced along the he
 BUNDLED_TRAIN_SCALE = (0.25, 1.0)  # Area fraction of the training region per train record.
 BUNDLED_STREAM = 0xB0D1  # Seeds the fixed crop box of each bundled training record.
 VAL_SPLIT_NAMES = ("validation", "val")
+# Colour that transparent pixels are composited over (what an image viewer shows on a page).
+ALPHA_BACKGROUND = (255, 255, 255)
 
 
 class DataError(ValueError):
     """The data cannot be read as configured; the one-line message says what to do."""
 
 
+class BadImageError(DataError):
+    """One image cannot be decoded (truncated, empty, not an image, missing, too many pixels);
+    the message names it. The pipelines replace or skip it (mim_jax.data.input)."""
+
+
 def decode(data: bytes | str, name: str) -> Image.Image:
-    """Encoded image bytes or a file path -> RGB PIL image; DataError naming `name`."""
+    """Encoded image bytes or a file path -> upright RGB PIL image (`to_rgb`).
+
+    The EXIF orientation, if any, is applied (`ImageOps.exif_transpose`), so the pixels are
+    the way a viewer shows them. Raises BadImageError naming `name` when PIL cannot open or
+    fully load the image (truncated, zero bytes, not an image, a missing file or broken link)
+    or it has more than `PIL.Image.MAX_IMAGE_PIXELS` pixels (a decompression bomb; PIL itself
+    refuses twice that many before reading any pixel).
+    """
     try:
         with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as image:
-            return image.convert("RGB")
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit and image.width * image.height > limit:
+                raise Image.DecompressionBombError(
+                    f"{image.width}x{image.height} pixels exceed PIL.Image.MAX_IMAGE_PIXELS={limit}"
+                )
+            image.load()
+            ImageOps.exif_transpose(image, in_place=True)
     except Exception as e:  # PIL raises many types for bad files.
         reason = " ".join(str(e).split())
-        raise DataError(f"cannot decode image {name}: {type(e).__name__}: {reason}") from e
+        raise BadImageError(f"cannot decode image {name}: {type(e).__name__}: {reason}") from e
+    return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """A loaded PIL image of any mode -> RGB.
+
+    Integer greyscale ('I;16', 'I;16B', 'I;16L', 'I;16N', 'I': what 16-bit PNG and TIFF
+    decoders give) is scaled `round(v * 255 / 65535)` after clipping to [0, 65535], so 65535
+    -> 255 (PIL's own conversion clips every value above 255 to 255). Alpha (RGBA, LA, PA,
+    premultiplied modes) and transparency (a palette's transparent entries, a tRNS colour) are
+    composited over white `ALPHA_BACKGROUND`: transparent pixels have no defined colour, and
+    torchvision's loader, which drops alpha, shows whatever the encoder left there (often
+    black). Opaque images are unaffected, so they match torchvision's `convert('RGB')`.
+    Every other mode ('1', 'L', 'P', 'CMYK', 'YCbCr', ...) uses PIL's conversion (CMYK:
+    `R = (255 - C) * (255 - K) / 255`, likewise G, B; Adobe's inverted CMYK JPEGs are
+    un-inverted by PIL's decoder).
+    """
+    if image.mode.startswith("I"):
+        values = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
+        grey = (values * 255 + 65535 // 2) // 65535
+        return Image.fromarray(grey.astype(np.uint8), "L").convert("RGB")
+    if image.has_transparency_data:
+        background = Image.new("RGBA", image.size, (*ALPHA_BACKGROUND, 255))
+        return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")
 
 
 class TfdsSource:
@@ -81,9 +132,13 @@ class TfdsSource:
     def __len__(self) -> int:
         return len(self._source)
 
+    def describe(self, record: int) -> str:
+        """`name[split] record r`, for messages."""
+        return f"{self._where} record {record}"
+
     def read(self, record: int) -> tuple[Image.Image, int]:
         example = self._source[record]
-        image = decode(example["image"], f"{self._where} record {record}")
+        image = decode(example["image"], self.describe(record))
         return image, int(example["label"]) if self._has_label else -1
 
 
@@ -181,8 +236,12 @@ class FolderSource:
     def __len__(self) -> int:
         return len(self._files)
 
+    def describe(self, record: int) -> str:
+        """The record's file path."""
+        return os.path.join(self._root, self._files[record])
+
     def read(self, record: int) -> tuple[Image.Image, int]:
-        path = os.path.join(self._root, self._files[record])
+        path = self.describe(record)
         return decode(path, path), self._labels[record]
 
 
@@ -250,6 +309,12 @@ class BundledSource:
 
     def __len__(self) -> int:
         return self._num_examples
+
+    def describe(self, record: int) -> str:
+        """The photo the record is cut from, for messages."""
+        split = "validation" if self.is_val else "train"
+        photo = BUNDLED_PHOTOS[record % self.num_classes]
+        return f"bundled photo {photo} ({split} record {record})"
 
     def read(self, record: int) -> tuple[Image.Image, int]:
         label = record % self.num_classes

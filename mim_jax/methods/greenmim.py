@@ -48,7 +48,7 @@ from flax import nnx
 from mim_jax import convert, grouping, masking, sharding
 from mim_jax.config_lib import ConfigError
 from mim_jax.methods import norm_pix
-from mim_jax.models import green_swin, layers
+from mim_jax.models import backward, green_swin, layers
 from mim_jax.models import remat as remat_lib
 
 # PyTorch name table (convert.SWIN_TABLE format). Encoder rows equal SimMIM Swin's.
@@ -133,7 +133,7 @@ def _take_rows(x, rows):
     return jnp.take_along_axis(x, rows.reshape(*rows.shape, *(1,) * (x.ndim - 2)), axis=1)
 
 
-@jax.custom_vjp
+@backward.custom_vjp
 def take_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
     """Per-example token gather: `x [B, L, ...]`, distinct `rows` int `[B, K]` -> `[B, K, ...]`.
 

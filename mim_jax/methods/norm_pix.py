@@ -11,7 +11,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from mim_jax.models import layers
+from mim_jax.models import backward, layers
 
 NORM_PIX_EPS = 1e-6
 
@@ -54,7 +54,7 @@ def pixel_targets(images: jax.Array, unit: int, *, norm_pix: bool) -> jax.Array:
     return patchify(images.astype(jnp.float32), unit)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+@functools.partial(backward.custom_vjp, nondiff_argnums=(4,))
 def linear_mse(
     x: jax.Array, kernel: jax.Array, bias: jax.Array, target: jax.Array, dtype: jnp.dtype
 ) -> jax.Array:

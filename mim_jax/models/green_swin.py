@@ -48,7 +48,7 @@ import numpy as np
 from flax import nnx
 
 from mim_jax import grouping
-from mim_jax.models import layers, swin
+from mim_jax.models import backward, layers, swin
 from mim_jax.models import remat as remat_lib
 
 Plans = dict[str, Any]
@@ -101,7 +101,7 @@ def take_tokens(x: jax.Array, index: jax.Array) -> jax.Array:
     return out.reshape(x.shape[0], *out.shape[2:])
 
 
-@jax.custom_vjp
+@backward.custom_vjp
 def permute_tokens(x: jax.Array, index: jax.Array, inverse: jax.Array) -> jax.Array:
     """`take_tokens(x, index)` whose backward is a gather instead of a scatter-add.
 
@@ -146,7 +146,7 @@ def _core_forward(qkv, bias, gather, slot_of_token, heads):
     return take_tokens(_merge(out, qkv.shape[0]), slot_of_token), probs
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+@functools.partial(backward.custom_vjp, nondiff_argnums=(5,))
 def grouped_core(
     qkv: jax.Array,
     bias: jax.Array,

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mim_jax.models import backward
+
 Names = tuple[str | None, ...]
 MASK_VALUE = -1e9  # Added to blocked attention logits (computed in float32).
 
@@ -105,7 +107,7 @@ def _input_grad(g, kernel, dtype):
     return jax.lax.dot_general(g, kernel.astype(dtype), (((g.ndim - 1,), (1,)), ((), ())))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+@functools.partial(backward.custom_vjp, nondiff_argnums=(3,))
 def linear(x: jax.Array, kernel: jax.Array, bias: jax.Array, dtype: jnp.dtype) -> jax.Array:
     """`x @ kernel + bias` (x already in `dtype`) whose kernel gradient waits for the input
     gradient (`kernel_grad`); the backward keeps what autodiff would (x and the kernel)."""
@@ -160,7 +162,7 @@ def _normalize(x, eps):
     return (x32 - mean) / (std + 0.0 * x32), 1.0 / std
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+@functools.partial(backward.custom_vjp, nondiff_argnums=(3, 4))
 def layer_norm(
     x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float, dtype: jnp.dtype
 ) -> jax.Array:
@@ -230,7 +232,7 @@ def _affine(y, kernel, bias, dtype):
     return out + bias.astype(dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+@functools.partial(backward.custom_vjp, nondiff_argnums=(5, 6))
 def _norm_linear(x, scale, bias, kernel, linear_bias, eps, dtype):
     return _affine(layer_norm(x, scale, bias, eps, dtype), kernel, linear_bias, dtype)
 
@@ -253,7 +255,7 @@ def _norm_linear_bwd(eps, dtype, residuals, g):
 _norm_linear.defvjp(_norm_linear_fwd, _norm_linear_bwd)
 
 
-@jax.custom_vjp
+@backward.custom_vjp
 def gelu(x: jax.Array) -> jax.Array:
     """Exact (erf) GELU, PyTorch's default, whose backward keeps only its input.
 
@@ -404,7 +406,7 @@ def relative_position_index(height: int, width: int) -> np.ndarray:
     return index
 
 
-@jax.custom_vjp
+@backward.custom_vjp
 def softmax(logits: jax.Array) -> jax.Array:
     """Softmax over the last axis whose backward keeps only the probabilities.
 
