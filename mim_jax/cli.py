@@ -41,10 +41,15 @@ _WRAPPED = "Error whilst parsing config file"
 
 
 class _QuietOrbax(logging.Filter):
-    """Drops orbax's per-save INFO chatter; its warnings and errors still show."""
+    """Drops orbax's per-save INFO chatter; its warnings and errors still show, without the
+    traceback it logs beside a failed save (the exception reaches the run, which reports it:
+    one line for a storage error)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+        if "/orbax/" not in record.pathname:
+            return True
+        record.exc_info, record.exc_text = None, None
+        return record.levelno >= logging.WARNING
 
 
 def quiet_libraries() -> None:

@@ -81,10 +81,8 @@ def _check_common(c: ml_collections.ConfigDict) -> None:
         size = c.mesh[axis]
         _check(size == -1 or size >= 1, f"config.mesh.{axis}={size} must be -1 or >= 1")
     _check(c.mesh.dcn_data >= 1, f"config.mesh.dcn_data={c.mesh.dcn_data} must be >= 1")
-    _check(
-        c.checkpoint_every_steps > 0 and c.log_every_steps > 0 and c.image_every_steps > 0,
-        "config.*_every_steps must be > 0",
-    )
+    for key in ("checkpoint_every_steps", "log_every_steps", "image_every_steps"):
+        _check(c[key] > 0, f"config.{key}={c[key]} must be > 0")
     _check(c.profile_steps >= 0, f"config.profile_steps={c.profile_steps} must be >= 0")
     _one_of(c.nonfinite, NONFINITE, "nonfinite")
     _check(c.max_skipped_steps >= 1, f"config.max_skipped_steps={c.max_skipped_steps} must be >= 1")

@@ -7,6 +7,8 @@ cross-field rules before anything is compiled, and fails with one line naming th
 
 from __future__ import annotations
 
+import difflib
+
 import ml_collections
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -258,6 +260,12 @@ def parse_arg(arg: str | None, variants: tuple[str, ...]) -> tuple[str, dict[str
     return variant, pairs
 
 
+def _unknown_key(key: str, name: str, node: ml_collections.ConfigDict) -> str:
+    """'unknown config key ...' with the closest field of `node`, if one is close."""
+    close = difflib.get_close_matches(name, list(node.keys()), n=1)
+    return f"unknown config key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else "")
+
+
 def apply_pairs(c: ml_collections.ConfigDict, pairs: dict[str, str]) -> None:
     """Applies `key.sub=value` overrides from the config arg, parsed by the field's type."""
     for key, raw in pairs.items():
@@ -265,10 +273,10 @@ def apply_pairs(c: ml_collections.ConfigDict, pairs: dict[str, str]) -> None:
         node = c
         for name in parents:
             if name not in node:
-                raise ConfigError(f"unknown config key '{key}'")
+                raise ConfigError(_unknown_key(key, name, node))
             node = node[name]
         if leaf not in node:
-            raise ConfigError(f"unknown config key '{key}'")
+            raise ConfigError(_unknown_key(key, leaf, node))
         old = node[leaf]
         if isinstance(old, tuple | list) and (not old or isinstance(old[0], tuple | list)):
             raise ConfigError(

@@ -116,7 +116,8 @@ CASES = {
         f"{QUICKSTART},batch_size=x", message="config key 'batch_size': cannot parse 'x' as int"
     ),
     "unknown_key_in_config_arg": _case(
-        f"{QUICKSTART},batchsize=2", message="unknown config key 'batchsize'"
+        f"{QUICKSTART},batchsize=2",
+        message="unknown config key 'batchsize' (did you mean 'batch_size'?)",
     ),
     "missing_workdir": _case(QUICKSTART, message="missing required flag --workdir", workdir=False),
     "missing_config": _case(message="missing required flag --config"),
