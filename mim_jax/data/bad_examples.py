@@ -77,6 +77,7 @@ class BadExamples:
         self.paths: dict[int, str] = {}
         self._new: set[int] = set()  # This process's, since the last sync.
         self._new_reads = 0
+        self._written = 0  # Distinct records in workdir/bad_examples.json.
 
     @property
     def count(self) -> int:
@@ -136,12 +137,13 @@ class BadExamples:
         return {"examples_read": self.examples_read, "bad": bad}
 
     def save(self, workdir: str) -> None:
-        """Writes `to_json()` to workdir/bad_examples.json on process 0 (after a `sync`), once
-        any unreadable file was found."""
-        if jax.process_index() == 0 and self.paths:
+        """Writes `to_json()` to workdir/bad_examples.json on process 0 (after a `sync`) when
+        unreadable files were found since the last write (its `examples_read` is as of then)."""
+        if jax.process_index() == 0 and len(self.paths) > self._written:
             path = epath.Path(workdir) / BAD_EXAMPLES_FILE
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(self.to_json(), indent=1) + "\n")
+            self._written = len(self.paths)
 
     def restore(self, workdir: str) -> None:
         """Adds the records of workdir/bad_examples.json, if any: files known to be unreadable
@@ -151,3 +153,4 @@ class BadExamples:
         if path.exists():
             for entry in json.loads(path.read_text())["bad"]:
                 self.paths[int(entry["record"])] = entry["path"]
+            self._written = len(self.paths)
