@@ -1,7 +1,9 @@
 """Shared test helpers: tiny configs that compile in seconds on a 2-core CPU."""
 
 import importlib.util
+import io
 import pathlib
+from collections.abc import Sequence
 
 import ml_collections
 
@@ -62,3 +64,31 @@ def tiny_itpn_config(**overrides) -> ml_collections.ConfigDict:
     c.decoder.update(embed_dim=16, depth=1, num_heads=2)
     c.mask.ratio = 0.5
     return _tiny_run(c, overrides)
+
+
+def build_tiny_tfds(
+    data_dir: str, dataset_name: str, examples: Sequence[tuple[bytes, int]], num_classes: int
+) -> None:
+    """Prepares a TFDS dataset `dataset_name` (train split, array_record) from encoded PNGs and
+    labels, offline and without TensorFlow (the images are pre-encoded)."""
+    import tensorflow_datasets as tfds  # Here, so grain workers importing tests skip it.
+
+    class TinyDataset(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        name = dataset_name
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            image = tfds.features.Image(shape=(None, None, 3), encoding_format="png")
+            label = tfds.features.ClassLabel(num_classes=num_classes)
+            features = tfds.features.FeaturesDict({"image": image, "label": label})
+            return tfds.core.DatasetInfo(builder=self, features=features)
+
+        def _split_generators(self, dl_manager):
+            del dl_manager
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            for k, (data, label) in enumerate(examples):
+                yield k, {"image": io.BytesIO(data), "label": label}
+
+    TinyDataset(data_dir=data_dir, file_format="array_record").download_and_prepare()

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 
+import helpers
 import jax
 import numpy as np
 import pytest
@@ -408,28 +409,12 @@ def test_sync_merges_hosts_and_ignores_duplicates(monkeypatch):
 
 
 def _build_tfds_with_a_corrupt_record(data_dir: str) -> None:
-    """6 flat grey images (20k, label k % 2); image 3 is a truncated PNG."""
-    import tensorflow_datasets as tfds  # Here, so grain workers importing this file skip it.
-
-    class TinyCorrupt(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-        VERSION = tfds.core.Version("1.0.0")
-
-        def _info(self):
-            image = tfds.features.Image(shape=(None, None, 3), encoding_format="png")
-            label = tfds.features.ClassLabel(num_classes=2)
-            features = tfds.features.FeaturesDict({"image": image, "label": label})
-            return tfds.core.DatasetInfo(builder=self, features=features)
-
-        def _split_generators(self, dl_manager):
-            del dl_manager
-            return {"train": self._generate_examples()}
-
-        def _generate_examples(self):
-            for k in range(6):
-                data = _save(Image.fromarray(np.full((8, 8, 3), 20 * k, np.uint8)), "PNG")
-                yield k, {"image": io.BytesIO(data[:40] if k == 3 else data), "label": k % 2}
-
-    TinyCorrupt(data_dir=data_dir, file_format="array_record").download_and_prepare()
+    """6 flat grey images (20k, label k % 2) as TFDS "tiny_corrupt"; image 3 is a truncated PNG."""
+    examples = []
+    for k in range(6):
+        data = _save(Image.fromarray(np.full((8, 8, 3), 20 * k, np.uint8)), "PNG")
+        examples.append((data[:40] if k == 3 else data, k % 2))
+    helpers.build_tiny_tfds(data_dir, "tiny_corrupt", examples, num_classes=2)
 
 
 def test_tfds_corrupt_record_is_replaced(tmp_path):

@@ -6,6 +6,7 @@ import io
 import math
 import pathlib
 
+import helpers
 import numpy as np
 import pytest
 from PIL import Image
@@ -287,35 +288,14 @@ def test_bundled_photos_are_rgb_and_labelled_by_photo():
     assert (batch["label"] >= 0).all()
 
 
-def _build_tiny_tfds(data_dir):
-    """Builds a 12-example labelled image set as array_record, offline (no TF needed)."""
-    import tensorflow_datasets as tfds  # Here, so grain workers importing this file skip it.
-
-    class TinyImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-        VERSION = tfds.core.Version("1.0.0")
-
-        def _info(self):
-            features = tfds.features.FeaturesDict(
-                {
-                    "image": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
-                    "label": tfds.features.ClassLabel(num_classes=4),
-                }
-            )
-            return tfds.core.DatasetInfo(builder=self, features=features)
-
-        def _split_generators(self, dl_manager):
-            del dl_manager
-            return {"train": self._generate_examples()}
-
-        def _generate_examples(self):
-            for k in range(12):
-                pixels = np.full((24 + k, 40, 3), 20 * k, np.uint8)
-                encoded = io.BytesIO()
-                Image.fromarray(pixels).save(encoded, format="PNG")  # Pre-encoded: no TF needed.
-                encoded.seek(0)
-                yield k, {"image": encoded, "label": k % 4}
-
-    TinyImages(data_dir=data_dir, file_format="array_record").download_and_prepare()
+def _build_tiny_tfds(data_dir: str) -> None:
+    """12 labelled flat images (height 24 + k, value 20k, label k % 4) as TFDS "tiny_images"."""
+    examples = []
+    for k in range(12):
+        encoded = io.BytesIO()
+        Image.fromarray(np.full((24 + k, 40, 3), 20 * k, np.uint8)).save(encoded, format="PNG")
+        examples.append((encoded.getvalue(), k % 4))
+    helpers.build_tiny_tfds(data_dir, "tiny_images", examples, num_classes=4)
 
 
 def test_tfds_source_and_not_prepared_error(tmp_path):
