@@ -256,6 +256,59 @@ def _costs(compiled) -> dict[str, float]:
     return {"flops": costs.get("flops", 0.0), "bytes_accessed": costs.get("bytes accessed", 0.0)}
 
 
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+# XLA:TPU's out-of-memory messages: "the total memory required for HLO temporaries (34.05G)
+# exceeds available HBM (15.75G)" or "Used 20.51G of 15.48G hbm".
+_OOM_TEMP = re.compile(r"HLO temporaries \(([0-9.]+)([KMGT]?)\)")
+_OOM_USED = re.compile(r"Used ([0-9.]+)([KMGT]?) of ([0-9.]+)([KMGT]?) hbm")
+
+
+def out_of_memory(message: str) -> dict[str, int | None]:
+    """The sizes an XLA:TPU RESOURCE_EXHAUSTED compile error states: temp_bytes (HLO
+    temporaries) or total_bytes (all of HBM used); None where the message does not say."""
+    temp = _OOM_TEMP.search(message)
+    used = _OOM_USED.search(message)
+    return {
+        "temp_bytes": int(float(temp[1]) * _UNITS[temp[2]]) if temp else None,
+        "total_bytes": int(float(used[1]) * _UNITS[used[2]]) if used else None,
+    }
+
+
+def _compile(lowered, options: dict | None, backend: str):
+    """The executable, or the compiler's RESOURCE_EXHAUSTED message (the step does not fit)."""
+    try:
+        return lowered.compile(options), None
+    except jax.errors.JaxRuntimeError as e:
+        text = str(e)
+        if "RESOURCE_EXHAUSTED" in text:
+            return None, text.splitlines()[0]
+        if "compile option" in text or "setting option" in text:
+            raise PlanError(f"the {backend} compiler rejects an --xla_option: {text}") from None
+        raise
+
+
+def _executable_stats(compiled, arguments: int, oom: str | None) -> dict[str, object]:
+    """Memory, total, costs and collectives of `compiled`; from the compiler's message, and
+    `arguments` (the state and batch bytes), when it ran out of memory."""
+    if compiled is None:
+        sizes = out_of_memory(oom)
+        temp, total = sizes["temp_bytes"], sizes["total_bytes"]
+        if total is None and temp is not None:
+            total = arguments + temp
+        return {
+            **dict(argument_bytes=arguments, output_bytes=0, alias_bytes=0, temp_bytes=temp),
+            **dict(total_bytes=total, flops=None, bytes_accessed=None, collective_bytes={}),
+        }
+    memory = _memory(compiled)
+    total = memory["argument_bytes"] + memory["output_bytes"] - memory["alias_bytes"]
+    return {
+        **memory,
+        "total_bytes": total + memory["temp_bytes"],
+        **_costs(compiled),
+        "collective_bytes": collective_bytes(compiled.as_text()),
+    }
+
+
 def plan(
     config: ml_collections.ConfigDict,
     topology: str,
@@ -264,10 +317,14 @@ def plan(
     hbm_gib: float = 0.0,
     num_examples: int = 1_281_167,
     label: str = "",
+    compiler_options: dict[str, bool | int | float | str] | None = None,
 ) -> dict[str, object]:
     """Compiles the train step of `config` for `topology` and returns the plan's record
     (module docstring). `hbm_gib` > 0 replaces the chip's HBM; `num_examples` sets the
-    schedule's length (it does not change memory); `label` names the config in the record."""
+    schedule's length (it does not change memory); `label` names the config in the record;
+    `compiler_options` are XLA options for this compile (e.g. the TPU scheduler's memory
+    limit, docs/plan.md), recorded as given. A step the TPU compiler cannot fit in HBM is a
+    record too: `fits` false, the sizes its message states, `out_of_memory` that message."""
     topo = parse_topology(topology)
     config_checks.validate(config)
     devices, used, note = plan_devices(topo, backend)
@@ -277,13 +334,13 @@ def plan(
     batch = abstract_batch(config, mesh, s.method)
     start = time.perf_counter()
     with jax.set_mesh(mesh):
-        compiled = s.train_step.lower(s.abstract_state, batch).compile()
+        compiled, oom = _compile(
+            s.train_step.lower(s.abstract_state, batch), compiler_options, used
+        )
     compile_s = time.perf_counter() - start
-    memory = _memory(compiled)
-    total = memory["argument_bytes"] + memory["output_bytes"] - memory["alias_bytes"]
-    total += memory["temp_bytes"]
-    hbm = int((hbm_gib or topo.chip.hbm_gib) * GIB)
     state = s.abstract_state
+    stats = _executable_stats(compiled, per_device_bytes((state, batch)), oom)
+    hbm = int((hbm_gib or topo.chip.hbm_gib) * GIB)
     teacher_bytes = per_device_bytes(state.teacher) if state.teacher is not None else 0
     return {
         "config": label,
@@ -300,14 +357,13 @@ def plan(
         "param_bytes": per_device_bytes(state.params),
         "opt_bytes": per_device_bytes(state.opt_state) + teacher_bytes,
         "teacher_bytes": teacher_bytes,
-        **memory,
-        "total_bytes": total,
+        **stats,
         "hbm_bytes": hbm,
-        "fits": total <= hbm,
-        **_costs(compiled),
-        "collective_bytes": collective_bytes(compiled.as_text()),
+        "fits": oom is None and stats["total_bytes"] <= hbm,
+        "out_of_memory": oom,
         "compile_s": round(compile_s, 1),
         "autodiff": sorted(backward.autodiff_names()),
+        "compiler_options": dict(compiler_options or {}),
         "jax": jax.__version__,
         "note": note,
     }
@@ -315,14 +371,26 @@ def plan(
 
 def verdict(record: dict) -> str:
     """'fits in 16 GiB HBM (2.64 GiB, 17% used)' or 'does NOT fit in 16 GiB HBM (needs ...)'."""
-    hbm, total = record["hbm_bytes"] / GIB, record["total_bytes"] / GIB
+    hbm, total = record["hbm_bytes"] / GIB, record["total_bytes"]
     if record["fits"]:
-        return f"fits in {hbm:g} GiB HBM ({total:.2f} GiB, {100 * total / hbm:.0f}% used)"
-    return f"does NOT fit in {hbm:g} GiB HBM (needs {total:.2f} GiB, {total / hbm:.2f}x)"
+        return (
+            f"fits in {hbm:g} GiB HBM ({total / GIB:.2f} GiB, {100 * total / GIB / hbm:.0f}% used)"
+        )
+    if total is None:
+        return f"does NOT fit in {hbm:g} GiB HBM (the compiler ran out of memory)"
+    needs = f"needs {total / GIB:.2f} GiB, {total / GIB / hbm:.2f}x"
+    if record.get("out_of_memory"):
+        needs += "; the compiler ran out of memory"
+    return f"does NOT fit in {hbm:g} GiB HBM ({needs})"
+
+
+def _gib(size: int | None) -> str:
+    return "?" if size is None else f"{size / GIB:.3f}"
 
 
 def format_table(record: dict) -> str:
-    """A readable summary of a plan's record, ending with its verdict."""
+    """A readable summary of a plan's record, ending with its verdict ('?': a size the
+    compiler did not report because it ran out of memory)."""
     mesh = " ".join(f"{k}={v}" for k, v in record["mesh"].items())
     rows = [
         ("parameters", record["param_bytes"]),
@@ -336,19 +404,21 @@ def format_table(record: dict) -> str:
     collectives = ", ".join(
         f"{kind} {size / GIB:.3f}" for kind, size in record["collective_bytes"].items() if size
     )
+    flops = "?" if record["flops"] is None else f"{record['flops'] / 1e12:.3f}"
     lines = [
         f"plan: {record['config'] or record['method']} on {record['topology']} "
         f"({record['devices']} x {record['device_kind']}, backend {record['backend']})",
         f"mesh {mesh}; batch {record['batch']} ({record['batch_per_device']} per data shard), "
         f"{record['dtype']}, {record['params'] / 1e6:.1f}M parameters",
         f"{'per device':<22}{'GiB':>10}",
-        *(f"  {name:<20}{size / GIB:>10.3f}" for name, size in rows),
-        f"  {'TFLOPs per step':<20}{record['flops'] / 1e12:>10.3f}",
+        *(f"  {name:<20}{_gib(size):>10}" for name, size in rows),
+        f"  {'TFLOPs per step':<20}{flops:>10}",
         f"  collectives (GiB)   {collectives or 'none'}",
         f"verdict: {verdict(record)}",
     ]
-    if record["note"]:
-        lines.append(f"note: {record['note']}")
+    for key in ("out_of_memory", "note"):
+        if record.get(key):
+            lines.append(f"{key.replace('_', ' ')}: {record[key]}")
     return "\n".join(lines)
 
 
@@ -373,6 +443,12 @@ def define_flags() -> None:
         "Hand-written backwards to replace by autodiff (mim_jax/models/backward.py): 'all' or "
         "function names, to plan what they save.",
     )
+    flags.DEFINE_multi_string(
+        "xla_option",
+        [],
+        "NAME=VALUE: an XLA compiler option for this compile (repeatable), e.g. "
+        "xla_tpu_scheduler_percent_shared_memory_limit=10 (docs/plan.md).",
+    )
 
 
 def _label() -> str:
@@ -380,6 +456,30 @@ def _label() -> str:
     label = config_flags.get_config_filename(FLAGS["config"])
     overrides = config_flags.get_override_values(FLAGS["config"])
     return " ".join([label, *(f"--config.{k}={v}" for k, v in sorted(overrides.items()))])
+
+
+def _option_value(text: str) -> bool | int | float | str:
+    """An option's value as XLA reads it: true/false as bool, then int, float, else text."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_xla_options(items: list[str]) -> dict[str, bool | int | float | str]:
+    """`["name=value", ...]` as a dict of typed values; PlanError names an item without '='
+    or without a name."""
+    options = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise PlanError(f"--xla_option={item!r} must be NAME=VALUE")
+        options[name.strip().removeprefix("--")] = _option_value(value.strip())
+    return options
 
 
 def main(argv: list[str]) -> None:
@@ -390,6 +490,7 @@ def main(argv: list[str]) -> None:
     if FLAGS.autodiff:
         os.environ[backward.ENV] = ",".join(FLAGS.autodiff)
     try:
+        options = parse_xla_options(FLAGS.xla_option)
         record = plan(
             config,
             FLAGS.topology,
@@ -397,6 +498,7 @@ def main(argv: list[str]) -> None:
             hbm_gib=FLAGS.hbm_gib,
             num_examples=FLAGS.num_examples,
             label=_label(),
+            compiler_options=options,
         )
     except config_lib.ConfigError as e:
         cli.fail(PROGRAM, str(e))

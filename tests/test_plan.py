@@ -237,3 +237,63 @@ def test_command_forces_the_topology_device_count():
     assert record["config"].startswith("configs/simmim.py:quickstart")
     assert "verdict: fits in 16 GiB HBM" in result.stderr
     assert 'pip install "jax[tpu]==' in result.stderr
+
+
+def test_xla_options_reach_the_compiler():
+    """--xla_option values go to this compile: an option XLA:CPU lacks fails as one PlanError
+    naming it; one it has is compiled with and recorded."""
+    parsed = plan.parse_xla_options(["--a=1", "b = x", "c=False", "d=0.5"])
+    assert parsed == {"a": 1, "b": "x", "c": False, "d": 0.5}
+    for bad in ("a", "=1"):
+        with pytest.raises(plan.PlanError, match="must be NAME=VALUE"):
+            plan.parse_xla_options([bad])
+    config = tiny_simmim_config()
+    option = "xla_tpu_scheduler_percent_shared_memory_limit"
+    with pytest.raises(plan.PlanError, match=f"rejects an --xla_option.*{option}"):
+        plan.plan(config, "v5e:2x4", backend="cpu", compiler_options={option: "10"})
+    with pytest.raises(plan.PlanError, match="xla_cpu_enable_fast_math"):
+        plan.plan(
+            config, "v5e:2x4", backend="cpu", compiler_options={"xla_cpu_enable_fast_math": 3}
+        )
+    options = {"xla_cpu_enable_fast_math": False}
+    record = plan.plan(config, "v5e:2x4", backend="cpu", compiler_options=options)
+    assert record["compiler_options"] == options
+
+
+# libtpu 0.0.42.1's message for ViT-B/16 at 512 images per v5e chip; the second form is
+# XLA:TPU's other wording.
+OOM_TEMP = (
+    "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+    "temporaries (34.05G) exceeds available HBM (15.75G)."
+)
+OOM_USED = "RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Used 20.5G of 15.48G hbm."
+
+
+def test_out_of_memory_messages():
+    assert plan.out_of_memory(OOM_TEMP) == {"temp_bytes": int(34.05 * 2**30), "total_bytes": None}
+    assert plan.out_of_memory(OOM_USED) == {"temp_bytes": None, "total_bytes": int(20.5 * 2**30)}
+    assert plan.out_of_memory("RESOURCE_EXHAUSTED: something else") == {
+        "temp_bytes": None,
+        "total_bytes": None,
+    }
+
+
+@pytest.mark.parametrize("message", [OOM_TEMP, OOM_USED, "RESOURCE_EXHAUSTED: other"])
+def test_a_step_the_compiler_cannot_fit_is_a_does_not_fit_record(monkeypatch, message):
+    """The TPU compiler refuses a step over HBM: the plan still prints a record, fits false,
+    with the sizes the message states, instead of a traceback."""
+    monkeypatch.setattr(plan, "_compile", lambda lowered, options, backend: (None, message))
+    record = plan.plan(tiny_simmim_config(), "v5e:2x4", backend="cpu")
+    json.dumps(record)
+    assert record["fits"] is False and record["out_of_memory"] == message
+    assert record["flops"] is None and record["collective_bytes"] == {}
+    args = record["argument_bytes"]
+    assert args > record["param_bytes"] + record["opt_bytes"]  # The batch is an argument too.
+    expected = {
+        OOM_TEMP: args + int(34.05 * 2**30),
+        OOM_USED: int(20.5 * 2**30),
+    }.get(message)
+    assert record["total_bytes"] == expected
+    table = plan.format_table(record)
+    assert "does NOT fit in 16 GiB HBM" in table and "out of memory" in table
+    assert "TFLOPs per step" in table and "?" in table
