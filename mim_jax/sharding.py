@@ -39,7 +39,7 @@ def make_mesh(
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
     slices = int(mesh_config.get("dcn_data", 1))
     if slices <= 1:
-        return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+        return jax.sharding.Mesh(device_grid(shape, devices), MESH_AXES, axis_types=auto)
     if shape[0] % slices:
         raise ConfigError(
             f"config.mesh.dcn_data={slices} must divide the data axis ({shape[0]} devices)"
@@ -57,6 +57,30 @@ def make_mesh(
             f"config.mesh.dcn_data={slices} does not match the job's {unit}: {e}"
         ) from None
     return jax.sharding.Mesh(grid, MESH_AXES, axis_types=auto)
+
+
+def device_grid(shape: tuple[int, ...], devices: Sequence[jax.Device]) -> np.ndarray:
+    """`devices` arranged as `shape`, following the TPU torus (`mesh_utils.create_device_mesh`,
+    what `jax.make_mesh` uses). An axis size that is no product of the torus's dimensions (data=8
+    on a 4x4x4 v5p) splits a physical axis, with a warning, where `jax.make_mesh` raises; a
+    mesh over several TPU slices needs `config.mesh.dcn_data`."""
+    spanned = len({getattr(d, "slice_index", 0) for d in devices})
+    if spanned > 1:
+        raise ConfigError(
+            f"the devices span {spanned} slices (TPU slices or GPU nodes): set "
+            f"config.mesh.dcn_data={spanned} (the data axis across slices)"
+        )
+    try:
+        grid = mesh_utils.create_device_mesh(shape, devices)
+    except NotImplementedError as e:
+        logging.warning(
+            "mesh %s does not follow the device torus (%s); splitting a physical axis, so some "
+            "collectives travel farther",
+            dict(zip(MESH_AXES, shape, strict=True)),
+            str(e).split(". ")[0],
+        )
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    return grid
 
 
 def _mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:

@@ -73,3 +73,46 @@ def test_mesh_errors_are_one_line():
     config.mesh.update(data=4, fsdp=2, dcn_data=3)
     with pytest.raises(config_lib.ConfigError, match="dcn_data=3 must divide the data axis"):
         sharding.make_mesh(config.mesh)
+
+
+class FakeTpuChip:
+    """What mesh_utils reads of a TPU device: kind, platform, torus coordinates, slice."""
+
+    def __init__(self, index: int, coords: tuple[int, int, int], slice_index: int = 0):
+        self.id, self.coords, self.slice_index = index, coords, slice_index
+        self.platform, self.device_kind, self.core_on_chip = "tpu", "TPU v5", 0
+        self.process_index = index // 4
+
+    def __repr__(self) -> str:
+        return f"chip{self.id}"
+
+
+def _torus(x: int, y: int, z: int, slice_index: int = 0, start: int = 0) -> list[FakeTpuChip]:
+    coords = [(i, j, k) for k in range(z) for j in range(y) for i in range(x)]
+    return [FakeTpuChip(start + n, c, slice_index) for n, c in enumerate(coords)]
+
+
+def test_meshes_that_do_not_follow_the_torus_split_a_physical_axis(caplog):
+    """data=8 x fsdp=8 on a 4x4x4 v5p: jax.make_mesh refuses (8 is no product of 4, 4, 4);
+    the mesh splits a physical axis instead, with a warning, and holds every chip once."""
+    chips = _torus(4, 4, 4)
+    with pytest.raises(NotImplementedError):
+        jax.make_mesh((8, 8, 1), sharding.MESH_AXES, devices=chips)
+    with caplog.at_level("WARNING"):
+        grid = sharding.device_grid((8, 8, 1), chips)
+    assert grid.shape == (8, 8, 1)
+    assert sorted(c.id for c in grid.flat) == list(range(64))
+    assert "does not follow the device torus" in caplog.text
+    # A mesh that follows the torus is jax.make_mesh's own, without a warning.
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        grid = sharding.device_grid((4, 16, 1), chips)
+    assert not caplog.text
+    expected = jax.make_mesh((4, 16, 1), sharding.MESH_AXES, devices=chips).devices
+    assert [c.id for c in grid.flat] == [c.id for c in expected.flat]
+
+
+def test_devices_of_two_slices_need_dcn_data():
+    chips = _torus(2, 2, 1, slice_index=0) + _torus(2, 2, 1, slice_index=1, start=4)
+    with pytest.raises(config_lib.ConfigError, match=r"span 2 slices .*: set .*dcn_data=2"):
+        sharding.device_grid((8, 1, 1), chips)
