@@ -260,7 +260,7 @@ _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 # XLA:TPU's out-of-memory messages: "the total memory required for HLO temporaries (34.05G)
 # exceeds available HBM (15.75G)" or "Used 20.51G of 15.48G hbm".
 _OOM_TEMP = re.compile(r"HLO temporaries \(([0-9.]+)([KMGT]?)\)")
-_OOM_USED = re.compile(r"Used ([0-9.]+)([KMGT]?) of ([0-9.]+)([KMGT]?) hbm")
+_OOM_USED = re.compile(r"Used ([0-9.]+)([KMGT]?) of [0-9.]+[KMGT]? hbm")
 
 
 def out_of_memory(message: str) -> dict[str, int | None]:
@@ -296,8 +296,14 @@ def _executable_stats(compiled, arguments: int, oom: str | None) -> dict[str, ob
         if total is None and temp is not None:
             total = arguments + temp
         return {
-            **dict(argument_bytes=arguments, output_bytes=0, alias_bytes=0, temp_bytes=temp),
-            **dict(total_bytes=total, flops=None, bytes_accessed=None, collective_bytes={}),
+            "argument_bytes": arguments,
+            "output_bytes": 0,
+            "alias_bytes": 0,
+            "temp_bytes": temp,
+            "total_bytes": total,
+            "flops": None,
+            "bytes_accessed": None,
+            "collective_bytes": {},
         }
     memory = _memory(compiled)
     total = memory["argument_bytes"] + memory["output_bytes"] - memory["alias_bytes"]

@@ -46,7 +46,7 @@ def make_mesh(
         )
     per_slice = (shape[0] // slices, *shape[1:])
     # TPU slices carry distinct slice indices; elsewhere (CPU, GPU) processes are the slices.
-    by_process = len({getattr(d, "slice_index", 0) for d in devices}) == 1
+    by_process = _slice_count(devices) == 1
     try:
         grid = mesh_utils.create_hybrid_device_mesh(
             per_slice, (slices, 1, 1), devices, process_is_granule=by_process
@@ -59,12 +59,17 @@ def make_mesh(
     return jax.sharding.Mesh(grid, MESH_AXES, axis_types=auto)
 
 
+def _slice_count(devices: Sequence[jax.Device]) -> int:
+    """Slices the devices span: distinct `slice_index` values (1 where devices have none)."""
+    return len({getattr(d, "slice_index", 0) for d in devices})
+
+
 def device_grid(shape: tuple[int, ...], devices: Sequence[jax.Device]) -> np.ndarray:
     """`devices` arranged as `shape`, following the TPU torus (`mesh_utils.create_device_mesh`,
     what `jax.make_mesh` uses). An axis size that is no product of the torus's dimensions (data=8
     on a 4x4x4 v5p) splits a physical axis, with a warning, where `jax.make_mesh` raises; a
     mesh over several TPU slices needs `config.mesh.dcn_data`."""
-    spanned = len({getattr(d, "slice_index", 0) for d in devices})
+    spanned = _slice_count(devices)
     if spanned > 1:
         raise ConfigError(
             f"the devices span {spanned} slices (TPU slices or GPU nodes): set "
